@@ -1,0 +1,5 @@
+import sys
+
+from kdray.cli import main
+
+sys.exit(main())

@@ -1,0 +1,292 @@
+"""The `kdray` command line. Each command validates its inputs, then hands over to a stage module."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from kdray import __version__
+
+EXIT_USAGE = 2
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as `kdray: error: ...` with exit status 2."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from kdray.config import ConfigError
+    from kdray.data.shards import DatasetError
+    from kdray.storage import StorageError
+
+    return (CommandError, ConfigError, DatasetError, StorageError)
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _load(args: argparse.Namespace):
+    from kdray.config import load_config, parse_overrides
+
+    overrides = parse_overrides(getattr(args, "set", None) or [])
+    # Only options given become overrides (as strings, not YAML): an empty `storage` section
+    # would replace the file's.
+    for option in ("storage_path", "run_name"):
+        if getattr(args, option, None):
+            overrides.setdefault("storage", {})[option] = getattr(args, option)
+    return load_config(args.config, overrides)
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config (default: the embedded default run)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set distill.temperature=8 (repeatable)")
+
+
+def _run_storage(config):
+    from kdray.storage import Storage
+
+    run = Storage(config.storage.storage_path).child(config.storage.run_name)
+    run.check_writable()
+    return run
+
+
+# ------------------------------------------------------------------------------------ commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from kdray.pipeline import run_pipeline
+    from kdray.preflight import check_config
+    from kdray.runtime import ray_session
+    from kdray.stages import pipeline_stages
+
+    config = _load(args)
+    check_config(config)
+    run = _run_storage(config)
+    print(f"[kdray] run directory: {run.location}")
+    with ray_session(args.address, config.resources.local_num_cpus):
+        outcomes = run_pipeline(pipeline_stages(), config, run, progress=not args.no_progress)
+    _print_outcomes(outcomes)
+    print(f"[kdray] finished: {run.location}")
+    return 0
+
+
+def _print_outcomes(outcomes) -> None:
+    print(f"\n{'stage':<14}{'status':<10}{'seconds':>9}  summary")
+    for outcome in outcomes:
+        summary = (outcome.manifest or {}).get("summary", {})
+        text = ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)) or k == "rows")
+        print(f"{outcome.name:<14}{outcome.status:<10}{outcome.seconds:>9.1f}  {text}")
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    from kdray.config import config_to_yaml
+
+    print(config_to_yaml(_load(args)), end="")
+    return 0
+
+
+def cmd_data_synth(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from kdray.config import SynthConfig
+    from kdray.data.synth import write_synthetic_dataset
+    from kdray.runtime import ray_session
+
+    fields = ("rows", "validation_rows", "test_rows", "classes", "groups", "dim", "seed", "shards")
+    values = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    try:
+        synth = SynthConfig(**values)
+    except ValidationError as error:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-') or 'options'}: "
+                             f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
+        raise CommandError(problems) from None
+    output = _fresh_output(args.out, args.overwrite)
+    with ray_session(args.address):
+        manifest = write_synthetic_dataset(output, synth, progress=True)
+    print(f"wrote {manifest.rows()} rows in {len(manifest.shards)} shards to {output.location}")
+    return 0
+
+
+def _fresh_output(location: str, overwrite: bool):
+    from kdray.data.shards import MANIFEST
+    from kdray.storage import Storage
+
+    output = Storage(location)
+    if output.exists(MANIFEST) and not overwrite:
+        raise CommandError(f"{output.uri(MANIFEST)} exists; pass --overwrite to replace the dataset")
+    output.delete()
+    output.check_writable()
+    return output
+
+
+def cmd_data_import_idx(args: argparse.Namespace) -> int:
+    from kdray.data.idx import import_idx
+
+    output = _fresh_output(args.out, args.overwrite)
+    manifest = import_idx(args.src, output, validation_fraction=args.validation_fraction,
+                          rows_per_shard=args.rows_per_shard, seed=args.seed, name=args.name)
+    print(f"imported {manifest.rows()} rows in {len(manifest.shards)} shards to {output.location}")
+    return 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    from kdray.data.idx import fetch
+
+    output = _fresh_output(args.out, args.overwrite)
+    manifest = fetch(args.name, output, source=args.source, validation_fraction=args.validation_fraction,
+                     rows_per_shard=args.rows_per_shard, seed=args.seed)
+    print(f"fetched {args.name}: {manifest.rows()} rows in {len(manifest.shards)} shards at {output.location}")
+    return 0
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from kdray.data.validate import inspect_dataset
+    from kdray.runtime import ray_session
+    from kdray.storage import Storage
+
+    with ray_session(args.address):
+        report = inspect_dataset(Storage(args.dir), progress=True)
+    manifest = report.manifest
+    print(f"dataset        {report.location}")
+    print(f"rows           {manifest.rows()}  ({', '.join(f'{s}: {manifest.rows(s)}' for s in manifest.split_names())})")
+    print(f"shards         {len(manifest.shards)}")
+    print(f"feature shape  {tuple(manifest.feature_shape)}")
+    print(f"classes        {manifest.num_classes}")
+    _print_histogram(report.class_histogram(), manifest)
+    print("all shards OK")
+    return 0
+
+
+def _print_histogram(counts, manifest) -> None:
+    names = manifest.class_names or tuple(str(c) for c in range(manifest.num_classes))
+    width, peak = 40, max(1, int(max(counts)))
+    print("class histogram (all splits)")
+    for index, count in enumerate(counts[: manifest.num_classes]):
+        print(f"  {names[index]:>14} {int(count):>9} {'#' * round(width * count / peak)}")
+    if counts[manifest.num_classes]:
+        print(f"  {'(unlabeled)':>14} {int(counts[manifest.num_classes]):>9}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from kdray.evaluate import RESULTS, RunError, evaluate_run, format_results_table, run_manifests
+    from kdray.runtime import ray_session
+    from kdray.storage import Storage
+
+    try:
+        run_manifests(Storage(args.run_dir))  # a wrong directory fails before Ray starts
+        with ray_session(args.address):
+            results = evaluate_run(args.run_dir)
+    except RunError as error:
+        raise CommandError(str(error)) from None
+    print(format_results_table(results))
+    print(f"\n[kdray] wrote {Storage(args.run_dir).uri(RESULTS)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from kdray.evaluate import RunError, run_manifests
+    from kdray.predict import PREDICTIONS, find_model, predict
+    from kdray.runtime import ray_session
+    from kdray.storage import Storage
+
+    try:
+        run = Storage(args.run_dir)
+        find_model(run, run_manifests(run), args.model)  # an unknown model fails before Ray starts
+        with ray_session(args.address):
+            rows = predict(args.run_dir, args.data, args.out, model=args.model)
+    except RunError as error:
+        raise CommandError(str(error)) from None
+    print(f"wrote {rows} predictions of {args.model} to {args.out} (see {PREDICTIONS})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ parser
+def _command(subparsers, name: str, handler: Callable, help_text: str) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help_text, description=help_text)
+    parser.set_defaults(handler=handler)
+    return parser
+
+
+def _add_dataset_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset at OUT")
+
+
+def _add_split_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--validation-fraction", type=float, default=1 / 12,
+                        help="share of the training file held out as the validation split")
+    parser.add_argument("--rows-per-shard", type=int, default=10_000)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdray", description="Knowledge distillation (Hinton et al. 2015) on Ray.")
+    parser.add_argument("--version", action="version", version=f"kdray {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = _command(commands, "run", cmd_run, "run the pipeline's stages (skipping those already done)")
+    _add_config_arguments(run)
+    run.add_argument("--storage-path", help="where runs are stored: a path or URI (s3://, gs://, file://)")
+    run.add_argument("--run-name", help="the run's directory under the storage path")
+    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local in-process Ray)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    config = _command(commands, "config", None, "inspect configs")
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    show = _command(config_commands, "show", cmd_config_show, "print the resolved config with all defaults")
+    _add_config_arguments(show)
+
+    data = _command(commands, "data", None, "create, import and check datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    synth = _command(data_commands, "synth", cmd_data_synth,
+                     "generate the synthetic many-class dataset with planted confusable groups")
+    synth.add_argument("out", help="output dataset directory (path or URI)")
+    for name in ("rows", "validation-rows", "test-rows", "classes", "groups", "dim", "seed", "shards"):
+        synth.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
+    synth.add_argument("--address", help="Ray cluster address")
+    _add_dataset_output(synth)
+
+    idx = _command(data_commands, "import-idx", cmd_data_import_idx, "import MNIST-style IDX files")
+    idx.add_argument("src", help="folder with the four IDX files (gzipped or raw)")
+    idx.add_argument("out", help="output dataset directory")
+    idx.add_argument("--name", default="fashion-mnist", choices=["fashion-mnist", "mnist"])
+    _add_split_options(idx)
+    _add_dataset_output(idx)
+
+    fetch = _command(data_commands, "fetch", cmd_data_fetch,
+                     "get Fashion-MNIST or MNIST: a local copy if there is one, else download and verify")
+    fetch.add_argument("name", choices=["fashion-mnist", "mnist"])
+    fetch.add_argument("out", help="output dataset directory")
+    fetch.add_argument("--source", help="folder with the IDX files (looked at first)")
+    _add_split_options(fetch)
+    _add_dataset_output(fetch)
+
+    inspect = _command(data_commands, "inspect", cmd_data_inspect, "check every shard and summarise a dataset")
+    inspect.add_argument("dir", help="dataset directory (path or URI)")
+    inspect.add_argument("--address", help="Ray cluster address")
+
+    evaluate = _command(commands, "evaluate", cmd_evaluate,
+                        "evaluate a run's models on its test split; write RUN_DIR/results.json and print the table")
+    evaluate.add_argument("run_dir", help="the run directory, STORAGE_PATH/RUN_NAME (path or URI)")
+    evaluate.add_argument("--address", help="Ray cluster address")
+
+    predict = _command(commands, "predict", cmd_predict, "write a run model's predictions for a dataset as Parquet")
+    predict.add_argument("run_dir", help="the run directory, STORAGE_PATH/RUN_NAME (path or URI)")
+    predict.add_argument("data", help="a kdray dataset (all splits) or a Parquet directory with 'id' and 'x' columns")
+    predict.add_argument("out", help="output directory: shards/*.parquet and predictions.json")
+    predict.add_argument("--model", default="student", help="which of the run's models (default: student)")
+    predict.add_argument("--address", help="Ray cluster address")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except _user_errors() as error:
+        print(f"kdray: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kdray: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Combining a generalist with its specialists at inference (paper, section 5.3), as pure functions.
+
+For each example, q is the full distribution minimising
+
+    KL(p_g || q) + sum_{m active} KL(p_m || Q_m(q)),
+
+with p_g the generalist's distribution, p_m specialist m's distribution over its subset S_m plus one
+dustbin class, and Q_m(q) the same coarsening of q: q on S_m, and q's mass outside S_m as the dustbin.
+
+Why EM solves it exactly. Dropping the entropies of p_g and p_m (constants in q), the objective is
+
+    -sum_c a_c log q_c - sum_{m active} d_m log q(not S_m),
+    a_c = p_g[c] + sum_{m active, c in S_m} p_m[c],   d_m = p_m's dustbin probability,
+
+the negative log-likelihood of a multinomial q given a_c "observations" of each class c and d_m
+observations known only to lie outside S_m (coarsened data). It is convex in q on the simplex, and
+EM decreases it monotonically: the E-step spreads each d_m over the classes outside S_m in
+proportion to q, the M-step renormalises the counts, so
+
+    q_new[c] = (a_c + sum_{m active, c not in S_m} d_m q[c] / q(not S_m)) / (1 + #active).
+
+The paper instead parametrises q = softmax(z) and runs gradient descent on z (`combine_by_gradient`,
+kept as the reference); EM needs no step size and each iteration is two [B, C] x [C, M] matmuls.
+
+Inputs are dense and batched so variable-size subsets vectorise. Shapes: B examples, C classes,
+M specialists.
+- generalist_probs p_g: [B, C], rows summing to 1.
+- specialist_in: [B, M, C], p_m's probability of each class of S_m, 0 outside S_m.
+- specialist_dustbin: [B, M], p_m's dustbin probability (specialist_in[b, m].sum() + dustbin = 1).
+- membership: [M, C] bool, True iff class c is in S_m.
+- active: [B, M] bool, which specialists take part for each example.
+A specialist whose subset is every class must have dustbin probability 0 (else no q has finite
+objective); the functions do not check values, only shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+# ------------------------------------------------------------------------------------ checks
+def _check_probs(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor of shape {list(shape)}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+
+
+def _check_mask(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor of shape {list(shape)}")
+    if tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)}, got {list(tensor.shape)}")
+
+
+def _check_generalist(generalist_probs: torch.Tensor, membership: torch.Tensor) -> tuple[int, int, int]:
+    """(B, C, M) after checking p_g [B, C] and membership [M, C]."""
+    if not isinstance(generalist_probs, torch.Tensor) or generalist_probs.dim() != 2:
+        raise ValueError("generalist_probs must be a tensor of shape [B, C]")
+    batch, num_classes = generalist_probs.shape
+    if batch == 0 or num_classes == 0:
+        raise ValueError(f"generalist_probs must have B, C > 0, got shape {list(generalist_probs.shape)}")
+    if not isinstance(membership, torch.Tensor) or membership.dim() != 2:
+        raise ValueError("membership must be a bool tensor of shape [M, C]")
+    _check_probs("generalist_probs", generalist_probs, (batch, num_classes))
+    _check_mask("membership", membership, (membership.shape[0], num_classes))
+    return batch, num_classes, membership.shape[0]
+
+
+def _check_inputs(generalist_probs, specialist_in, specialist_dustbin, membership, active) -> None:
+    batch, num_classes, num_specialists = _check_generalist(generalist_probs, membership)
+    _check_probs("specialist_in", specialist_in, (batch, num_specialists, num_classes))
+    _check_probs("specialist_dustbin", specialist_dustbin, (batch, num_specialists))
+    _check_mask("active", active, (batch, num_specialists))
+
+
+def _check_count(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------- pieces
+def _working_dtype(tensor: torch.Tensor) -> torch.dtype:
+    # float16 cannot hold the small masses q(not S_m) that the E-step divides by.
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _sufficient_statistics(generalist_probs, specialist_in, specialist_dustbin, membership, active):
+    """(a [B, C], d [B, M], complement [M, C] float): class counts, coarsened counts, not-S_m masks."""
+    dtype = _working_dtype(generalist_probs)
+    weight = active.to(dtype)
+    # Masking by membership too, so a stray value outside S_m cannot leak into q.
+    inside = specialist_in.to(dtype) * membership.to(dtype)
+    a = generalist_probs.to(dtype) + torch.einsum("bm,bmc->bc", weight, inside)
+    d = specialist_dustbin.to(dtype) * weight
+    return a, d, (~membership).to(dtype)
+
+
+def _outside_mass(q: torch.Tensor, complement: torch.Tensor) -> torch.Tensor:
+    """q(not S_m) for every specialist: [B, C] x [M, C] -> [B, M]."""
+    return q @ complement.T
+
+
+def _safe_log(x: torch.Tensor) -> torch.Tensor:
+    # log 0 = -inf would give 0 * -inf = NaN where its coefficient is 0; the floor keeps it at 0.
+    return x.clamp(min=torch.finfo(x.dtype).tiny).log()
+
+
+# -------------------------------------------------------------------------------- activation
+def select_active_specialists(generalist_probs: torch.Tensor, membership: torch.Tensor, top_n: int = 1) -> torch.Tensor:
+    """Which specialists take part for each example: [B, C], [M, C] -> active [B, M] bool.
+
+    Specialist m is active iff S_m contains one of the generalist's top_n classes (paper: top_n = 1).
+    """
+    _, num_classes, _ = _check_generalist(generalist_probs, membership)
+    if isinstance(top_n, bool) or not isinstance(top_n, int) or not 1 <= top_n <= num_classes:
+        raise ValueError(f"top_n must be an integer in [1, {num_classes}] (the number of classes), got {top_n!r}")
+    top = generalist_probs.topk(top_n, dim=-1).indices
+    hits = torch.zeros_like(generalist_probs).scatter(-1, top, 1.0)
+    return (hits @ membership.to(hits.dtype).T) > 0
+
+
+# --------------------------------------------------------------------------------- objective
+def combine_objective(q: torch.Tensor, generalist_probs: torch.Tensor, specialist_in: torch.Tensor,
+                      specialist_dustbin: torch.Tensor, membership: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """KL(p_g || q) + sum_{m active} KL(p_m || Q_m(q)) for each example: q [B, C] -> [B].
+
+    The exact sum of KLs (0 log 0 = 0), except that q's masses are floored at the smallest normal
+    float, so a q with a zero where p > 0 scores about 700 per unit of p instead of +inf.
+    """
+    _check_inputs(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    _check_probs("q", q, tuple(generalist_probs.shape))
+    a, d, complement = _sufficient_statistics(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    q = q.to(a.dtype)
+    cross_entropy = -(a * _safe_log(q)).sum(-1) - (d * _safe_log(_outside_mass(q, complement))).sum(-1)
+    p_g = generalist_probs.to(a.dtype)
+    inside = specialist_in.to(a.dtype) * membership.to(a.dtype)
+    negative_entropy = torch.xlogy(p_g, p_g).sum(-1) \
+        + (active.to(a.dtype) * (torch.xlogy(inside, inside).sum(-1) + torch.xlogy(d, d))).sum(-1)
+    return cross_entropy + negative_entropy
+
+
+# ----------------------------------------------------------------------------------- solvers
+def combine_by_em(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, specialist_dustbin: torch.Tensor,
+                  membership: torch.Tensor, active: torch.Tensor, max_iterations: int = 1000,
+                  tolerance: float = 1e-6) -> torch.Tensor:
+    """The optimal q [B, C] by EM on the coarsened-multinomial likelihood (see the module docstring).
+
+    Stops after max_iterations, or once no entry of q moves by more than `tolerance` in an iteration
+    (float32 inputs are solved in float32, where a tolerance much below 1e-6 may never be met, so
+    pass float64 for tighter answers). Rows without an active specialist return generalist_probs
+    exactly. EM converges linearly, slower when the active specialists put much mass in their dustbins.
+    """
+    _check_inputs(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    _check_count("max_iterations", max_iterations, 1)
+    if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    a, d, complement = _sufficient_statistics(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    tiny = torch.finfo(a.dtype).tiny
+    # Start from the E-step of a uniform q: positive wherever the optimum can put mass (EM never
+    # revives a class it starts at 0), even where p_g has underflowed to exact zeros.
+    sizes = complement.sum(-1).clamp(min=1)
+    q = _normalise(a + (d / sizes) @ complement)
+    for _ in range(max_iterations):
+        # E-step: d_m is shared over the classes outside S_m in proportion to q.
+        ratio = d / _outside_mass(q, complement).clamp(min=tiny)
+        q_new = _normalise(a + q * (ratio @ complement))
+        converged = (q_new - q).abs().max() <= tolerance
+        q = q_new
+        if converged:
+            break
+    return torch.where(active.any(-1, keepdim=True), q.to(generalist_probs.dtype), generalist_probs)
+
+
+def _normalise(counts: torch.Tensor) -> torch.Tensor:
+    """Counts [B, C] -> distribution. The exact total is 1 + #active, but dividing by the sum also
+    absorbs the mass an E-step drops when q(not S_m) underflows."""
+    return counts / counts.sum(-1, keepdim=True)
+
+
+def combine_by_gradient(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, specialist_dustbin: torch.Tensor,
+                        membership: torch.Tensor, active: torch.Tensor, steps: int = 200) -> torch.Tensor:
+    """The paper's method: q = softmax(z), z from log p_g, minimised by L-BFGS for `steps` iterations.
+
+    Returns q [B, C]. The reference for `combine_by_em`; slower and only as exact as `steps` allows.
+    """
+    _check_inputs(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    _check_count("steps", steps, 1)
+    inputs = [t.detach() for t in (generalist_probs, specialist_in, specialist_dustbin)]
+    a, d, complement = _sufficient_statistics(*inputs, membership, active)
+    z = _safe_log(inputs[0].to(a.dtype)).requires_grad_(True)
+    # The examples are independent, so one L-BFGS on their summed objective solves each of them.
+    optimizer = torch.optim.LBFGS([z], lr=1.0, max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15,
+                                  history_size=20, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        q = torch.softmax(z, dim=-1)
+        # The cross-entropy part of combine_objective: the entropies do not depend on z.
+        loss = -(a * torch.log_softmax(z, dim=-1)).sum() - (d * _safe_log(_outside_mass(q, complement))).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    q = torch.softmax(z.detach(), dim=-1).to(generalist_probs.dtype)
+    return torch.where(active.any(-1, keepdim=True), q, generalist_probs)
+
+
+def combine(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, specialist_dustbin: torch.Tensor,
+            membership: torch.Tensor, active: torch.Tensor, max_iterations: int = 1000,
+            tolerance: float = 1e-6) -> torch.Tensor:
+    """The combined distribution q [B, C] (paper, section 5.3), solved exactly by `combine_by_em`."""
+    return combine_by_em(generalist_probs, specialist_in, specialist_dustbin, membership, active,
+                         max_iterations=max_iterations, tolerance=tolerance)

@@ -1,0 +1,295 @@
+"""Typed, validated configuration: YAML (safe_load) -> frozen pydantic models, one per section.
+
+The field defaults below *are* kdray's defaults (one place); `kdray/default.yaml` is the embedded
+default run. Unknown keys and invalid values fail before any work starts, with the key path
+(``distill.temperature``) and the file named.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegativeFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+UnitFloat = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+OpenUnitFloat = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+
+DEFAULT_CONFIG_NAME = "default.yaml"
+
+
+class ConfigError(Exception):
+    """A config file or value is invalid; the message names the file and key path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ------------------------------------------------------------------------------------ data
+class SynthConfig(Section):
+    """The synthetic many-class dataset with planted confusable groups (see kdray.data.synth)."""
+
+    rows: PositiveInt = 24_000
+    validation_rows: PositiveInt = 4_000
+    test_rows: PositiveInt = 8_000
+    classes: PositiveInt = 40
+    groups: PositiveInt = 8
+    dim: PositiveInt = 32
+    latent_dim: PositiveInt = 8
+    shards: PositiveInt = 4
+    group_spread: PositiveFloat = 6.0
+    class_spread: PositiveFloat = 1.0
+    noise: PositiveFloat = 0.75
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _groups_fit(self) -> SynthConfig:
+        if self.groups > self.classes:
+            raise ValueError(f"groups ({self.groups}) must not exceed classes ({self.classes})")
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["synth", "parquet", "fashion-mnist", "mnist"] = "synth"
+    # parquet: a kdray dataset directory (required). fashion-mnist / mnist: a local folder with
+    # the IDX files (optional; the Debian copy, then a download, are tried otherwise).
+    path: str | None = Field(None, validate_default=True)  # validated even when absent
+    synth: SynthConfig = SynthConfig()
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 1 / 12
+    rows_per_shard: PositiveInt = 10_000
+    seed: int = 0
+
+    # A field validator (not a model validator) so the error names `data.path`, not `data`.
+    @field_validator("path")
+    @classmethod
+    def _path_matches_source(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if info.data.get("source") == "parquet" and not path:
+            raise ValueError("required when source is 'parquet' (a kdray dataset directory)")
+        if path and "://" not in path and not os.path.exists(os.path.expanduser(path)):
+            raise ValueError(f"{path!r} does not exist")
+        return path
+
+
+# ------------------------------------------------------------------------------------ models
+class ModelConfig(BaseModel):
+    """`name` is a registered model or `package.module:factory`; other keys are its arguments."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = "mlp"
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        if ":" in name:
+            return name
+        from kdray.models import MODELS  # torch import deferred until a model is named
+
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; registered: {sorted(MODELS)} or 'package.module:factory'")
+        return name
+
+
+class TrainConfig(Section):
+    epochs: PositiveInt = 10
+    batch_size: PositiveInt = 256
+    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: PositiveFloat = 1e-3
+    momentum: UnitFloat = 0.9
+    weight_decay: NonNegativeFloat = 0.0
+    lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
+    max_norm: PositiveFloat | None = None  # the paper's per-unit weight constraint
+    seed: int = 0
+
+
+class TeacherConfig(Section):
+    model: ModelConfig = ModelConfig(name="mlp", hidden=[1200, 1200], dropout=0.5, input_dropout=0.2)
+    train: TrainConfig = TrainConfig(epochs=12)
+    ensemble_size: PositiveInt = 1
+    member_data_fraction: OpenUnitFloat = 1.0  # each member sees this random fraction of train
+
+
+class TransferConfig(Section):
+    """Which rows the teacher labels with soft targets."""
+
+    fraction: OpenUnitFloat = 1.0  # of the training split (the paper's 3% experiment: 0.03)
+    omit_classes: list[NonNegativeInt] = []  # the paper's omitted-3 experiment
+    dataset: str | None = None  # a separate (possibly unlabeled) kdray dataset instead of train
+    top_k: PositiveInt | None = None  # keep only the top-k logits plus the rest's log-mass
+    use_labels: bool = True  # False: the student sees only soft targets
+    seed: int = 0
+
+
+class DistillConfig(Section):
+    temperature: PositiveFloat = 4.0
+    hard_weight: UnitFloat = 0.1
+    student: ModelConfig = ModelConfig(name="mlp", hidden=[800, 800])
+    train: TrainConfig = TrainConfig()
+    transfer: TransferConfig = TransferConfig()
+    baseline: bool = True  # also train the same student on hard labels only, same budget
+    bias_correction: bool = False  # fit per-class logit biases on the validation split
+
+
+# ------------------------------------------------------------------------------------ specialists
+class ClusteringConfig(Section):
+    enabled: bool = False
+    num_specialists: PositiveInt = 8
+    min_size: PositiveInt = 2
+    max_size: PositiveInt | None = None
+    memberships: PositiveInt = 1  # >1: a class may join that many subsets (the paper's overlap)
+    batch_size: PositiveInt = 8
+    seed: int = 0
+
+
+class SpecialistsConfig(Section):
+    train: TrainConfig = TrainConfig(epochs=4)
+    subset_fraction: OpenUnitFloat = 0.5  # share of each specialist's stream from its own classes
+    soft_target_weight: UnitFloat = 0.0  # generalist soft targets as a regulariser
+    top_n: PositiveInt = 1  # the generalist's top-n classes select the active specialists
+    distill_back: bool = False  # distil generalist + specialists into one student
+
+
+class SweepConfig(Section):
+    enabled: bool = False
+    search: Literal["grid", "random"] = "grid"
+    temperatures: list[PositiveFloat] = [1.0, 2.0, 4.0, 8.0, 20.0]
+    hard_weights: list[UnitFloat] = [0.0, 0.1, 0.5]
+    widths: list[PositiveInt] = []  # hidden width of a 2-layer student; [] keeps distill.student
+    num_samples: PositiveInt = 1
+    max_epochs: PositiveInt = 10
+    grace_period: PositiveInt = 2
+    metric: Literal["val_error", "val_nll"] = "val_error"
+
+
+# ------------------------------------------------------------------------------------ runtime
+class ResourcesConfig(Section):
+    num_workers: PositiveInt = 1
+    use_gpu: bool | Literal["auto"] = "auto"
+    cpus_per_worker: PositiveFloat = 1.0
+    gpus_per_worker: NonNegativeFloat = 1.0
+    concurrent_members: PositiveInt = 2  # ensemble members trained at once
+    specialist_cpus: PositiveFloat = 0.25
+    specialist_gpus: NonNegativeFloat = 0.25
+    max_concurrent_trials: PositiveInt = 2
+    max_failures: NonNegativeInt = 2
+    local_num_cpus: PositiveInt | None = None  # logical CPUs for an in-process local Ray
+
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class StorageConfig(Section):
+    storage_path: str = "~/kdray-runs"  # local path or URI (s3://, gs://, file://)
+    run_name: str = "default"
+
+    @field_validator("run_name")
+    @classmethod
+    def _plain_name(cls, name: str) -> str:
+        if not _RUN_NAME.match(name):
+            raise ValueError(f"run_name {name!r} must be letters, digits, '.', '_' or '-'")
+        return name
+
+
+class Config(Section):
+    data: DataConfig = DataConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    distill: DistillConfig = DistillConfig()
+    clustering: ClusteringConfig = ClusteringConfig()
+    specialists: SpecialistsConfig = SpecialistsConfig()
+    sweep: SweepConfig = SweepConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    storage: StorageConfig = StorageConfig()
+
+
+# ------------------------------------------------------------------------------------ loading
+def _format_errors(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "<root>"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {key}: {message} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {dotted_key}: {part} is not a section")
+    tree[leaf] = value
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["distill.temperature=8", ...]` -> nested dict; values parsed as YAML scalars."""
+    tree: dict = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {pair!r} must look like section.key=value")
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return tree
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def default_config_text() -> str:
+    return importlib.resources.files("kdray").joinpath(DEFAULT_CONFIG_NAME).read_text()
+
+
+def config_from_dict(raw: Any, source: str = "<dict>") -> Config:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_format_errors(error, source)) from None
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
+    """Read `path` (or the embedded default), apply `overrides`, validate. Raises ConfigError."""
+    if path is None:
+        source, text = f"<embedded {DEFAULT_CONFIG_NAME}>", default_config_text()
+    else:
+        source = path
+        try:
+            with open(path) as handle:
+                text = handle.read()
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid YAML in {source}: {error}") from None
+    if raw is not None and not isinstance(raw, dict):  # before merging: dict() of a list is not an error
+        raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
+    if overrides:
+        raw = _deep_merge(raw or {}, overrides)
+    return config_from_dict(raw, source)
+
+
+def config_to_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

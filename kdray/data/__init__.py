@@ -1,0 +1,79 @@
+"""Datasets: the sharded Parquet format, its sources (synthetic, IDX) and the pipeline's data stage."""
+
+from __future__ import annotations
+
+from kdray.config import DataConfig
+from kdray.data.shards import DatasetError, DatasetManifest, read_manifest, read_split
+from kdray.storage import Storage
+
+__all__ = ["DatasetError", "DatasetManifest", "dataset_input_shape", "prepare_dataset", "read_manifest", "read_split", "sample_rows"]
+
+IDX_INPUT_SHAPE = (1, 28, 28)
+
+
+def dataset_input_shape(config: DataConfig) -> tuple[int, ...]:
+    """The feature shape a config's dataset will have, known before any data is written."""
+    if config.source == "synth":
+        return (config.synth.dim,)
+    if config.source in ("fashion-mnist", "mnist"):
+        return IDX_INPUT_SHAPE
+    return read_manifest(Storage(config.path)).feature_shape
+
+
+def prepare_dataset(config: DataConfig, output: Storage, progress: bool = False) -> str:
+    """Materialise the configured dataset and return its location (validated shard by shard).
+
+    Synthetic and IDX data are written under `output`; a `parquet` source stays where it is.
+    """
+    from kdray.data.validate import inspect_dataset
+
+    if config.source == "synth":
+        from kdray.data.synth import write_synthetic_dataset
+
+        write_synthetic_dataset(output, config.synth, progress=progress)
+        location = output.location
+    elif config.source in ("fashion-mnist", "mnist"):
+        from kdray.data.idx import fetch
+
+        fetch(config.source, output, source=config.path, validation_fraction=config.validation_fraction,
+              rows_per_shard=config.rows_per_shard, seed=config.seed)
+        location = output.location
+    else:
+        location = Storage(config.path).location
+    inspect_dataset(Storage(location), progress=progress)
+    return location
+
+
+def sample_rows(dataset, fraction: float, seed: int, drop_classes: tuple[int, ...] = ()):
+    """The rows whose id hashes below `fraction`, less those labelled with `drop_classes`.
+
+    Deterministic for (id, seed) and streaming: no shuffle, nothing collected.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dropped = pa.array(sorted(drop_classes), type=pa.int64())
+
+    def keep(batch: pa.Table) -> pa.Table:
+        uniform = _splitmix_uniform(batch.column("id").to_numpy(), seed)
+        mask = uniform < fraction
+        mask &= ~pc.is_in(batch.column("y"), value_set=dropped).to_numpy(zero_copy_only=False)
+        return batch.filter(pa.array(mask))
+
+    if fraction >= 1.0 and not drop_classes:
+        return dataset
+    return dataset.map_batches(keep, batch_format="pyarrow")
+
+
+def _splitmix_uniform(ids, seed: int):
+    """ids [N] int64 -> [N] floats in [0, 1): the splitmix64 finaliser of (id, seed), so each
+    (id, seed) pair gets a fixed, well-mixed draw (different seeds give independent subsets)."""
+    import numpy as np
+
+    with np.errstate(over="ignore"):
+        h = ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        h ^= h >> np.uint64(31)
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)

@@ -1,0 +1,376 @@
+"""The evaluate stage: every model a run published, on the test split (and validation), in one pass.
+
+The models come from the upstream stages' manifests: by convention a stage that trains models lists
+them as ``outputs["models"] = {name: {"location": ..., "bundles": [dir, ...]}}`` (teacher members
+``teacher/member-NN``, the ``teacher`` itself -- an ensemble when it has several bundles --,
+``baseline``, ``student``, ...) and the data stage names the dataset as ``outputs["dataset"]``.
+
+The splits are read once for all models: Ray Data streams them through one actor pool that holds
+every bundle, computes each model's logits and reduces every batch to one row of
+`ClassificationStats` per (model, split); only those rows reach the driver, which merges them. The
+results go to ``results.json`` (per-model metrics, the test confusion matrices and calibration bins,
+and the paper's derived figures) in the stage directory and at the run root.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+
+from kdray.artifacts import load_bundle, load_spec
+from kdray.data.shards import DatasetError, DatasetManifest, read_manifest
+from kdray.inference import ModelRef, features, fixed_size_list
+from kdray.losses import ensemble_logits
+from kdray.metrics import N_BINS, ClassificationStats, ensemble_gain_kept, gap_recovered
+from kdray.pipeline import StageContext, StageResult, read_stage_manifest
+from kdray.storage import Storage
+
+RESULTS = "results.json"
+EVALUATED_SPLITS = ("test", "validation")  # test is required; validation is reported when present
+SPLIT_COLUMN = "split_index"  # added to the rows being evaluated: which of the splits a row is from
+TEACHER, BASELINE, STUDENT = "teacher", "baseline", "student"
+MEMBER_PREFIX = "teacher/"
+
+
+class RunError(Exception):
+    """A run's manifests, dataset or models cannot be used as asked; the message says what is there."""
+
+
+# ------------------------------------------------------------------------------------ a run's models
+def run_manifests(run: Storage) -> dict[str, dict[str, Any]]:
+    """The finished stages' manifests of a run directory, in pipeline order (unknown stages last)."""
+    from kdray.stages import pipeline_stages
+
+    names = [name for name in run.list() if not name.startswith(("_", ".")) and run.is_dir(name)]
+    known = [stage.name for stage in pipeline_stages()]
+    ordered = [name for name in known if name in names] + [name for name in names if name not in known]
+    manifests = {name: manifest for name in ordered if (manifest := read_stage_manifest(run, name)) is not None}
+    if not manifests:
+        raise RunError(f"{run.location} has no finished stage (no STAGE/manifest.json): is it a kdray run directory?")
+    return manifests
+
+
+def run_models(manifests: Mapping[str, dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every model the stages published: name -> (stage, its outputs["models"] entry)."""
+    models: dict[str, tuple[str, dict[str, Any]]] = {}
+    for stage, manifest in manifests.items():
+        for name, entry in (manifest.get("outputs") or {}).get("models", {}).items():
+            if name in models:
+                raise RunError(f"model {name!r} is published by two stages, {models[name][0]!r} and {stage!r}")
+            models[name] = (stage, entry)
+    return models
+
+
+def model_ref(name: str, entry: dict[str, Any]) -> ModelRef:
+    try:
+        return ModelRef(str(entry["location"]), tuple(str(bundle) for bundle in entry["bundles"]))
+    except (KeyError, TypeError):
+        raise RunError(f"model {name!r}: manifest entry {entry!r} needs 'location' and 'bundles'") from None
+
+
+def run_dataset(manifests: Mapping[str, dict[str, Any]]) -> str:
+    """The dataset location the run's data stage published as outputs["dataset"]."""
+    locations = {m["outputs"]["dataset"] for m in manifests.values() if "dataset" in (m.get("outputs") or {})}
+    if len(locations) != 1:
+        found = sorted(locations) or "none"
+        raise RunError(f"expected one stage publishing outputs['dataset'] among {sorted(manifests)}, found {found}")
+    return locations.pop()
+
+
+def check_compatible(models: Mapping[str, ModelRef], feature_dim: int, num_classes: int | None = None) -> None:
+    """RunError naming the bundle if a model does not take `feature_dim` inputs or give `num_classes` logits."""
+    for name, ref in models.items():
+        storage = Storage(ref.location)
+        for bundle in ref.bundles:
+            spec = load_spec(storage, bundle)
+            if math.prod(spec.input_shape) != feature_dim or num_classes not in (None, spec.num_outputs):
+                raise RunError(
+                    f"model {name!r} ({storage.uri(bundle)}) maps {math.prod(spec.input_shape)} features to "
+                    f"{spec.num_outputs} classes; the data has {feature_dim} features"
+                    + (f" and {num_classes} classes" if num_classes is not None else ""))
+
+
+# ------------------------------------------------------------------------------------ extension point
+# A model entry is normally a set of bundles: one net, or an ensemble whose logits are the log of its
+# members' mean probability. A stage whose models combine nets some other way (the specialists
+# stage: a generalist and its specialists combined by minimising KL, kdray.combine) registers here,
+# under its stage name, the import path of a function
+#
+#     combined_logits(dataset, run: Storage, manifest: dict, model: str, batch_size: int) -> Dataset
+#
+# returning the lazy `dataset` with all its columns plus "logits" ([C] float32 fixed-size lists).
+# Every model that stage lists in outputs["models"] is then evaluated (`evaluate_manifests`) and
+# predicted (`kdray.predict`) through it. An import path, so a stage's code loads only when needed.
+COMBINERS: dict[str, str] = {}
+
+
+def combiner(stage: str) -> Callable | None:
+    """The registered `combined_logits` function of `stage`, or None for plain bundle models."""
+    if stage not in COMBINERS:
+        return None
+    module, _, function = COMBINERS[stage].partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+# ------------------------------------------------------------------------------------ one pass
+def tagged_splits(storage: Storage, splits: Sequence[str], manifest: DatasetManifest):
+    """The rows (x, y) of `splits` as one lazy Dataset, with SPLIT_COLUMN = the index in `splits`.
+
+    One read over all the splits' shards (each row's file tells its split), rather than a union of
+    `read_split`s: every extra read operator costs worker start-ups that dominate on small data.
+    """
+    import ray.data
+
+    for split in splits:
+        if not manifest.split_shards(split):
+            raise DatasetError(f"{storage.uri()} has no shards for split {split!r}")
+    shards = [shard for shard in manifest.shards if shard.split in splits]
+    paths = [storage.path(shard.file) for shard in shards]
+    rows = ray.data.read_parquet(paths, filesystem=storage.filesystem, schema=manifest.schema, include_paths=True)
+    split_of_file = [list(splits).index(shard.split) for shard in shards]
+    return rows.map_batches(_tag_split, fn_kwargs={"paths": paths, "split_of_file": split_of_file},
+                            batch_format="pyarrow")
+
+
+def _tag_split(batch: pa.Table, paths: list[str], split_of_file: list[int]) -> pa.Table:
+    """Replace the `path` column Ray Data added with the row's split index."""
+    file_index = pc.index_in(batch.column("path"), value_set=pa.array(paths, pa.string()))
+    if file_index.null_count:
+        outside = batch.column("path").filter(pc.is_null(file_index))[0]
+        raise DatasetError(f"read a row from {outside}, a file the dataset manifest does not list")
+    split_index = np.asarray(split_of_file, dtype=np.int8)[file_index.to_numpy(zero_copy_only=False)]
+    return batch.select(["x", "y"]).append_column(SPLIT_COLUMN, pa.array(split_index))
+
+
+def _split_records(model: str, logits: np.ndarray, batch: pa.Table, splits: Sequence[str]) -> list[tuple]:
+    labels = batch.column("y").to_numpy()
+    split_index = batch.column(SPLIT_COLUMN).to_numpy()
+    return [(model, split, ClassificationStats.from_logits(logits[split_index == i], labels[split_index == i]))
+            for i, split in enumerate(splits) if (split_index == i).any()]
+
+
+def statistics_table(records: list[tuple[str, str, ClassificationStats]], num_classes: int) -> pa.Table:
+    """(model, split, stats) records -> a table with one row each (counts and sums as columns)."""
+    def matrix(values: list[np.ndarray], width: int, dtype) -> pa.FixedSizeListArray:
+        stacked = np.stack([v.reshape(-1) for v in values]) if values else np.zeros((0, width), dtype)
+        return fixed_size_list(stacked.astype(dtype))
+
+    stats = [record[2] for record in records]
+    return pa.table({
+        "model": pa.array([record[0] for record in records], pa.string()),
+        "split": pa.array([record[1] for record in records], pa.string()),
+        "rows": pa.array([s.rows for s in stats], pa.int64()),
+        "errors": pa.array([s.errors for s in stats], pa.int64()),
+        "nll_sum": pa.array([s.nll_sum for s in stats], pa.float64()),
+        "confusion": matrix([s.confusion for s in stats], num_classes * num_classes, np.int64),
+        "bin_counts": matrix([s.bin_counts for s in stats], N_BINS, np.int64),
+        "bin_confidence": matrix([s.bin_confidence for s in stats], N_BINS, np.float64),
+        "bin_correct": matrix([s.bin_correct for s in stats], N_BINS, np.int64),
+    })
+
+
+def statistics_records(table: pa.Table) -> Iterator[tuple[str, str, ClassificationStats]]:
+    """Inverse of `statistics_table`."""
+    num_classes = math.isqrt(table.schema.field("confusion").type.list_size)
+    confusion = features(table, "confusion").reshape(-1, num_classes, num_classes)
+    bins = {name: features(table, name) for name in ("bin_counts", "bin_confidence", "bin_correct")}
+    columns = {name: table.column(name).to_pylist() for name in ("model", "split", "rows", "errors", "nll_sum")}
+    for i, (model, split) in enumerate(zip(columns["model"], columns["split"])):
+        yield model, split, ClassificationStats(
+            columns["rows"][i], columns["errors"][i], columns["nll_sum"][i], confusion[i].copy(),
+            bins["bin_counts"][i].copy(), bins["bin_confidence"][i].copy(), bins["bin_correct"][i].copy())
+
+
+class BatchStatistics:
+    """Ray Data actor: holds every model's bundles (each loaded once, shared by the ensembles that
+    contain it) and maps a batch of tagged rows to one statistics row per (model, split)."""
+
+    def __init__(self, models: dict[str, ModelRef], num_classes: int, splits: tuple[str, ...]):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.models, self.num_classes, self.splits = models, num_classes, splits
+        self.nets = {}
+        for ref in models.values():
+            for bundle in ref.bundles:
+                if (ref.location, bundle) not in self.nets:
+                    self.nets[(ref.location, bundle)] = load_bundle(Storage(ref.location), bundle, self.device)[0]
+
+    @torch.no_grad()
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        x = torch.from_numpy(features(batch)).to(self.device)
+        outputs = {key: net(x) for key, net in self.nets.items()}
+        records = []
+        for name, ref in self.models.items():
+            members = torch.stack([outputs[(ref.location, bundle)] for bundle in ref.bundles])
+            logits = members[0] if len(ref.bundles) == 1 else ensemble_logits(members)
+            records += _split_records(name, logits.float().cpu().numpy(), batch, self.splits)
+        return statistics_table(records, self.num_classes)
+
+
+def _logits_statistics(batch: pa.Table, model: str, num_classes: int, splits: tuple[str, ...]) -> pa.Table:
+    return statistics_table(_split_records(model, features(batch, "logits"), batch, splits), num_classes)
+
+
+def merge_statistics(reduced, num_classes: int) -> dict[str, dict[str, ClassificationStats]]:
+    """Consume a Dataset of statistics rows on the driver: model -> split -> merged stats."""
+    totals: dict[str, dict[str, ClassificationStats]] = {}
+    for batch in reduced.iter_batches(batch_format="pyarrow", batch_size=None):
+        for model, split, stats in statistics_records(batch):
+            splits = totals.setdefault(model, {})
+            splits[split] = splits.get(split, ClassificationStats.empty(num_classes)).merge(stats)
+    return totals
+
+
+def evaluate_splits(dataset_location: str, splits: Sequence[str], models: Mapping[str, ModelRef],
+                    batch_size: int = 2048, concurrency: int = 1, num_gpus: float = 0
+                    ) -> dict[str, dict[str, ClassificationStats]]:
+    """Statistics of every model on every split (model -> split -> stats), reading each split once.
+
+    Rows labelled -1 are not counted; a split without labelled rows gets empty statistics.
+    """
+    from ray.data import ActorPoolStrategy
+
+    if not models:
+        raise ValueError("models is empty: nothing to evaluate")
+    storage = Storage(dataset_location)
+    manifest = read_manifest(storage)
+    check_compatible(models, manifest.feature_dim, manifest.num_classes)
+    splits = tuple(splits)
+    reduced = tagged_splits(storage, splits, manifest).map_batches(
+        BatchStatistics, fn_constructor_kwargs={"models": dict(models), "num_classes": manifest.num_classes,
+                                                "splits": splits},
+        batch_size=batch_size, batch_format="pyarrow", compute=ActorPoolStrategy(size=concurrency), num_gpus=num_gpus)
+    totals = merge_statistics(reduced, manifest.num_classes)
+    empty = ClassificationStats.empty(manifest.num_classes)
+    return {name: {split: totals.get(name, {}).get(split, empty) for split in splits} for name in models}
+
+
+def evaluate_models(dataset_location: str, split: str, models: dict[str, ModelRef],
+                    batch_size: int = 2048) -> dict[str, dict]:
+    """Each model's metrics on one split: name -> `ClassificationStats.to_dict(state=True)`."""
+    stats = evaluate_splits(dataset_location, (split,), models, batch_size)
+    return {name: stats[name][split].to_dict(state=True) for name in models}
+
+
+# ------------------------------------------------------------------------------------ a run's results
+def evaluate_manifests(run: Storage, manifests: Mapping[str, dict[str, Any]], batch_size: int = 2048,
+                       concurrency: int = 1) -> dict[str, Any]:
+    """results.json's content: every published model on the test split (and validation, if any)."""
+    location = run_dataset(manifests)
+    storage = Storage(location)
+    manifest = read_manifest(storage)
+    if "test" not in manifest.split_names():
+        raise RunError(f"dataset {location} has no test split (it has {manifest.split_names()})")
+    splits = tuple(split for split in EVALUATED_SPLITS if split in manifest.split_names())
+    published = run_models(manifests)
+    if not published:
+        raise RunError(f"none of the stages {sorted(manifests)} published models (outputs['models'])")
+    plain = {name: model_ref(name, entry) for name, (stage, entry) in published.items() if combiner(stage) is None}
+    stats = evaluate_splits(location, splits, plain, batch_size, concurrency) if plain else {}
+    for name, (stage, _) in published.items():
+        if (combine := combiner(stage)) is not None:
+            rows = combine(tagged_splits(storage, splits, manifest), run, manifests[stage], name, batch_size)
+            reduced = rows.map_batches(_logits_statistics, batch_format="pyarrow", fn_kwargs={
+                "model": name, "num_classes": manifest.num_classes, "splits": splits})
+            merged = merge_statistics(reduced, manifest.num_classes).get(name, {})
+            stats[name] = {split: merged.get(split, ClassificationStats.empty(manifest.num_classes)) for split in splits}
+    models = {name: {"stage": stage, **{split: stats[name][split].to_dict(state=split == "test") for split in splits}}
+              for name, (stage, _) in published.items()}
+    return {"dataset": location, "num_classes": manifest.num_classes, "class_names": list(manifest.class_names),
+            "splits": list(splits), "models": models, "derived": derived_figures(models)}
+
+
+def derived_figures(models: Mapping[str, dict[str, Any]]) -> dict[str, float | None]:
+    """The paper's summary figures from test metrics, for the models that are present:
+    gap_recovered (teacher, baseline, student) and ensemble_gain_kept (>= 2 teacher members)."""
+    test = {name: value["test"] for name, value in models.items()}
+    figures: dict[str, float | None] = {}
+    if {TEACHER, BASELINE, STUDENT} <= test.keys():
+        errors = [test[name]["error_rate"] for name in (TEACHER, BASELINE, STUDENT)]
+        figures["gap_recovered"] = None if None in errors else _finite(gap_recovered(*errors))
+    members = [name for name in test if name.startswith(MEMBER_PREFIX)]
+    if len(members) >= 2 and {TEACHER, STUDENT} <= test.keys():
+        accuracies = [test[name]["accuracy"] for name in members + [TEACHER, STUDENT]]
+        if None in accuracies:
+            figures["ensemble_gain_kept"] = None
+        else:
+            member_mean = float(np.mean(accuracies[:-2]))
+            figures["ensemble_gain_kept"] = _finite(ensemble_gain_kept(member_mean, accuracies[-2], accuracies[-1]))
+    return figures
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isnan(value) else value
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The stage summary: student, teacher and baseline test error and the derived figures."""
+    models = results["models"]
+    summary = {f"{name}_test_error": _rounded(models[name]["test"]["error_rate"], 5)
+               for name in (STUDENT, TEACHER, BASELINE) if name in models}
+    summary.update({name: _rounded(value, 4) for name, value in results["derived"].items()})
+    summary["models"] = len(models)
+    return summary
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def run_evaluate(context: StageContext) -> StageResult:
+    """The pipeline's evaluate stage: results.json in the stage directory and at the run root."""
+    # One evaluating actor: inference is cheap next to training, and a pool as wide as the cluster
+    # would hold every CPU and starve the reads feeding it (see shared/RAY.md).
+    results = evaluate_manifests(context.run, context.inputs)
+    context.output.write_json(results, RESULTS)
+    context.run.write_json(results, RESULTS)
+    return StageResult(outputs={"results": context.output.uri(RESULTS)}, summary=headline(results))
+
+
+def evaluate_run(run_location: str, batch_size: int = 2048) -> dict[str, Any]:
+    """`kdray evaluate RUN_DIR`: evaluate every model the run's finished stages published; writes
+    RUN_DIR/results.json and returns its content. Run it on a driver connected to Ray."""
+    run = Storage(run_location)
+    results = evaluate_manifests(run, run_manifests(run), batch_size)
+    run.write_json(results, RESULTS)
+    return results
+
+
+# ------------------------------------------------------------------------------------ the table
+def format_results_table(results: dict[str, Any]) -> str:
+    """A fixed-width table: per model test errors (count), error %, NLL, ECE, validation error %;
+    then the derived figures."""
+    models = results["models"]
+    width = max(len("model"), *(len(name) for name in models)) + 2
+    header = f"{'model':<{width}}{'test errors':>15}{'error %':>9}{'NLL':>9}{'ECE':>8}{'val error %':>13}"
+    lines = [header, "-" * len(header)]
+    for name, value in models.items():
+        test, validation = value["test"], value.get("validation")
+        errors = f"{test['errors']}/{test['rows']}"
+        val_error = validation["error_rate"] if validation else None
+        lines.append(f"{name:<{width}}{errors:>15}{_percent(test['error_rate']):>9}{_number(test['nll']):>9}"
+                     f"{_number(test['ece']):>8}{_percent(val_error):>13}")
+    explanations = {
+        "gap_recovered": "(baseline - student) / (baseline - teacher), test errors",
+        "ensemble_gain_kept": "(student - mean member) / (teacher - mean member), test accuracy",
+    }
+    derived = results.get("derived") or {}
+    if derived:
+        lines.append("")
+    for name, value in derived.items():
+        lines.append(f"{name.replace('_', ' '):<20}{_number(value, 3):>7}   {explanations.get(name, '')}".rstrip())
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def _number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

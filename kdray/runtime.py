@@ -1,0 +1,62 @@
+"""Where kdray meets a Ray cluster: connecting (or starting one in-process) and collecting results.
+
+Stages schedule work with `@ray.remote`, `TorchTrainer` and `Tuner`; this module only decides which
+cluster they run on and turns a failed remote call back into the exception its code raised, so a
+user sees `DatasetError: shard ... is truncated` rather than a Ray traceback wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> Iterator[None]:
+    """Use the running Ray, the cluster at `address`/RAY_ADDRESS, or start a local one in-process."""
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    # A local Ray gets its dashboard (on 127.0.0.1 only) so Jobs, Train and Tune can be watched;
+    # worker logs stay out of the terminal unless asked for: kdray prints its own progress.
+    options: dict[str, Any] = {"log_to_driver": not quiet, "include_dashboard": True,
+                               "dashboard_host": "127.0.0.1"} if address is None else {}
+    if address is None and num_cpus is not None:
+        options["num_cpus"] = num_cpus
+    ray.init(address=address, **options)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def unwrap_remote_error(error: ray.exceptions.RayTaskError) -> BaseException:
+    """The exception the remote code raised (RayTaskError keeps it as `.cause`)."""
+    cause = getattr(error, "cause", None)
+    return cause if isinstance(cause, BaseException) else error
+
+
+def gather(refs: list[ray.ObjectRef], desc: str = "", progress: bool = False, unit: str = "task") -> list[Any]:
+    """`ray.get` in completion order with a progress bar; re-raises the remote exception itself and
+    cancels what is still running. Results come back in the order of `refs`."""
+    from tqdm.auto import tqdm
+
+    index = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(refs)
+    remaining = list(refs)
+    with tqdm(total=len(refs), desc=desc, disable=not progress, unit=unit) as bar:
+        try:
+            while remaining:
+                done, remaining = ray.wait(remaining, num_returns=1)
+                results[index[done[0]]] = ray.get(done[0])
+                bar.update(1)
+        except ray.exceptions.RayTaskError as error:
+            for ref in remaining:
+                ray.cancel(ref)
+            raise unwrap_remote_error(error) from None
+    return results

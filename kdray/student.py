@@ -1,0 +1,91 @@
+"""The student stage: the distilled model and its hard-label baseline, trained on the cached
+transfer shards with the shared loop, then exported.
+
+The student minimises (1 - hard_weight) * T^2 * KL(teacher_T || student_T) + hard_weight * CE(y),
+the hard term on labelled rows only; the baseline has the same architecture, data and budget but
+hard labels alone. Optionally a per-class logit bias is fitted on the validation split afterwards
+(the paper's fix for classes missing from the transfer set).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from kdray.artifacts import ModelSpec, export_program, load_bundle, save_bundle
+from kdray.bias import fit_class_bias
+from kdray.config import Config
+from kdray.data import read_manifest, read_split
+from kdray.inference import ModelRef, features, map_logits
+from kdray.pipeline import StageContext, StageResult
+from kdray.storage import Storage
+from kdray.train import FitSpec, LossSpec, final_metrics, fit
+from kdray.transfer import read_transfer, transfer_rows
+
+STUDENT, BASELINE, CORRECTED = "student", "baseline", "student-corrected"
+
+
+def student_loss(config: Config) -> LossSpec:
+    distill = config.distill
+    hard_weight = distill.hard_weight if distill.transfer.use_labels else 0.0
+    return LossSpec("distill", distill.temperature, hard_weight, distill.transfer.top_k)
+
+
+def student_spec(config: Config, input_shape: tuple[int, ...], num_classes: int, loss: LossSpec) -> FitSpec:
+    student = config.distill.student
+    return FitSpec(ModelSpec(student.name, student.options, tuple(input_shape), num_classes),
+                   config.distill.train, loss)
+
+
+def _train(context: StageContext, name: str, spec: FitSpec, transfer, validation) -> dict:
+    """Train one model unless an interrupted attempt already saved it; returns its last metrics."""
+    output = context.output
+    if not output.exists(name, "model.json"):
+        result = fit(spec, {"train": transfer, "validation": validation}, context.config.resources,
+                     context.work.uri(), name)
+        save_bundle(output, name, spec.model, result.state_dict)
+        output.write_json(result.history, name, "history.json")
+    return final_metrics(output.read_json(name, "history.json"))
+
+
+def validation_logits(model: ModelRef, dataset_location: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N_val, C] logits and [N_val] labels; the validation split is small enough to hold."""
+    rows = map_logits(read_split(Storage(dataset_location), "validation").select_columns(["x", "y"]), model)
+    logits, labels = [], []
+    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=4096):
+        logits.append(features(batch, "logits"))
+        labels.append(batch.column("y").to_numpy())
+    return torch.from_numpy(np.concatenate(logits)), torch.from_numpy(np.concatenate(labels))
+
+
+def _correct_bias(context: StageContext, dataset_location: str) -> list[float]:
+    output = context.output
+    logits, labels = validation_logits(ModelRef(output.location, (STUDENT,)), dataset_location)
+    bias = fit_class_bias(logits, labels)
+    model, spec = load_bundle(output, STUDENT)
+    save_bundle(output, CORRECTED, spec.with_bias(bias.tolist()), model.state_dict())
+    return [round(b, 4) for b in bias.tolist()]
+
+
+def run_student(context: StageContext) -> StageResult:
+    config = context.config
+    dataset_location = context.input_output("data", "dataset")
+    manifest = read_manifest(Storage(dataset_location))
+    transfer = read_transfer(context.input_output("transfer", "transfer"))
+    validation = read_split(Storage(dataset_location), "validation", manifest)
+    shape, classes = manifest.feature_shape, manifest.num_classes
+    summary = {STUDENT: _train(context, STUDENT, student_spec(config, shape, classes, student_loss(config)),
+                               transfer, validation)}
+    models = {STUDENT: {"location": context.output.location, "bundles": [STUDENT]}}
+    if config.distill.baseline:
+        # The same rows with their labels, whether or not the student may use them.
+        labelled = config.distill.transfer.model_copy(update={"use_labels": True, "dataset": None})
+        spec = student_spec(config, shape, classes, LossSpec("hard"))
+        summary[BASELINE] = _train(context, BASELINE, spec, transfer_rows(labelled, dataset_location), validation)
+        models[BASELINE] = {"location": context.output.location, "bundles": [BASELINE]}
+    if config.distill.bias_correction:
+        summary["class_bias"] = _correct_bias(context, dataset_location)
+        models[CORRECTED] = {"location": context.output.location, "bundles": [CORRECTED]}
+    model, spec = load_bundle(context.output, STUDENT)
+    export_program(context.output, STUDENT, model, spec)
+    return StageResult(outputs={"models": models, "student": models[STUDENT]}, summary=summary)

@@ -1,0 +1,300 @@
+"""The one training loop: every model trained on a dataset (teacher, ensemble member, student,
+hard-label baseline, sweep trial) runs `train_worker` under a Ray Train `TorchTrainer`.
+
+Stages differ only by `FitSpec`: the model, the optimiser settings, and the loss (hard labels, or
+the distillation loss against cached teacher logits). Each epoch reports metrics and, from rank 0, a
+checkpoint; a restarted worker group (FailureConfig) or a re-run of the same run name resumes from
+the latest checkpoint. Epochs are reproducible from (seed, epoch, rank) alone, so a resumed run
+follows the same trajectory as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdray.artifacts import ModelSpec, unwrap
+from kdray.config import ResourcesConfig, TrainConfig
+from kdray.losses import distillation_loss, expand_topk_logits, hard_target_loss
+from kdray.models import apply_max_norm
+
+CHECKPOINT_FILE = "state.pt"
+TEACHER_LOGITS = "t"  # full teacher logits [C]
+TOPK_COLUMNS = ("t_values", "t_indices", "t_rest")  # top-k compressed teacher logits
+SHUFFLE_BUFFER_BATCHES = 4
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    kind: str = "hard"  # "hard" | "distill"
+    temperature: float = 1.0
+    hard_weight: float = 1.0
+    top_k: int | None = None  # teacher logits stored as top-k columns
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("hard", "distill"):
+            raise ValueError(f"loss kind must be 'hard' or 'distill', got {self.kind!r}")
+
+    def columns(self) -> list[str]:
+        if self.kind == "hard":
+            return ["x", "y"]
+        return ["x", "y", *(TOPK_COLUMNS if self.top_k else (TEACHER_LOGITS,))]
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """Everything a worker needs, as plain values (pickled to the workers)."""
+
+    model: ModelSpec
+    train: TrainConfig
+    loss: LossSpec = LossSpec()
+    fail_at_epoch: int | None = None  # fault injection: kill rank 0 once, mid-epoch, in this epoch
+    init_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+# ------------------------------------------------------------------------------------ pieces
+def make_optimizer(parameters: Iterable[nn.Parameter], config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return optimizer(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per epoch."""
+    if config.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if config.lr_schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, config.epochs // 3), gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def teacher_logits(batch: dict[str, torch.Tensor], loss: LossSpec, num_classes: int) -> torch.Tensor | None:
+    if loss.kind == "hard":
+        return None
+    if loss.top_k:
+        values, indices, rest = (batch[name] for name in TOPK_COLUMNS)
+        return expand_topk_logits(values, indices, rest, num_classes)
+    return batch[TEACHER_LOGITS]
+
+
+def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], loss: LossSpec, num_classes: int):
+    """(total loss, logits, terms dict) for one batch."""
+    logits = model(batch["x"])
+    if loss.kind == "hard":
+        total = hard_target_loss(logits, batch["y"])
+        return total, logits, {"hard": total.detach()}
+    terms = distillation_loss(logits, teacher_logits(batch, loss, num_classes), batch["y"],
+                              loss.temperature, loss.hard_weight)
+    return terms.total, logits, {"soft": terms.soft.detach(), "hard": terms.hard.detach()}
+
+
+def train_epoch(model, optimizer, batches, loss: LossSpec, config: TrainConfig, num_classes: int) -> dict[str, float]:
+    """One pass over `batches`; returns mean loss terms and the training error on labelled rows."""
+    model.train()
+    sums: dict[str, float] = {}
+    rows = labelled = wrong = 0
+    for batch in batches:
+        total, logits, terms = batch_loss(model, batch, loss, num_classes)
+        if not torch.isfinite(total):
+            raise FloatingPointError(f"non-finite loss {total.item()} at batch {rows // max(1, len(logits))}")
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        if config.max_norm is not None:
+            apply_max_norm(unwrap(model), config.max_norm)
+        size = len(logits)
+        rows += size
+        for name, value in {"loss": total.detach(), **terms}.items():
+            sums[name] = sums.get(name, 0.0) + float(value) * size
+        mask = batch["y"] >= 0
+        labelled += int(mask.sum())
+        wrong += int((logits.argmax(1)[mask] != batch["y"][mask]).sum())
+    metrics = {name: value / max(1, rows) for name, value in sums.items()}
+    metrics.update(rows=rows, train_error=wrong / max(1, labelled))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_batches(model: nn.Module, batches) -> torch.Tensor:
+    """Sums over labelled rows: tensor [rows, errors, nll]."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    for batch in batches:
+        logits, labels = model(batch["x"]), batch["y"]
+        mask = labels >= 0
+        logits, labels = logits[mask], labels[mask]
+        totals += torch.tensor([
+            len(labels),
+            float((logits.argmax(1) != labels).sum()),
+            float(nn.functional.cross_entropy(logits.float(), labels, reduction="sum")),
+        ], dtype=torch.float64)
+    return totals
+
+
+def validation_metrics(totals: torch.Tensor) -> dict[str, float]:
+    rows = max(1.0, float(totals[0]))
+    return {"val_error": float(totals[1]) / rows, "val_nll": float(totals[2]) / rows}
+
+
+# ------------------------------------------------------------------------------------ the worker
+def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    # Reseeding from (seed, epoch, rank) instead of carrying RNG state makes a resumed epoch
+    # identical to the one an uninterrupted run would have trained.
+    torch.manual_seed(hash((seed, epoch, rank)) % (2**31))
+
+
+def _restore(model: nn.Module, optimizer, schedule) -> tuple[int, list[dict]]:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as directory:
+        state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return state["epoch"] + 1, state["history"]
+
+
+def _report(metrics: dict, model, optimizer, schedule, epoch: int, history: list[dict]) -> None:
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as directory:
+        torch.save({"epoch": epoch, "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "history": history}, os.path.join(directory, CHECKPOINT_FILE))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    return totals
+
+
+def _maybe_fail(spec: FitSpec, epoch: int, rank: int, resumed: bool, batch_index: int) -> None:
+    # Fault injection for tests: the first attempt's rank 0 dies abruptly in the middle of the
+    # epoch, as a preempted or OOM-killed worker would. A resumed attempt never fails again.
+    if spec.fail_at_epoch == epoch and rank == 0 and not resumed and batch_index == 1:
+        os._exit(17)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """The per-worker function TorchTrainer runs. loop_config = {"spec": FitSpec}."""
+    import ray.train
+    from ray.train.torch import get_device, prepare_model
+
+    spec: FitSpec = loop_config["spec"]
+    context = ray.train.get_context()
+    rank, device = context.get_world_rank(), get_device()
+    torch.manual_seed(spec.train.seed)  # identical initial weights on every rank
+    model = spec.model.build()
+    if spec.init_weights is not None:
+        model.load_state_dict(spec.init_weights)
+    model = prepare_model(model)
+    optimizer, schedule = None, None
+    optimizer = make_optimizer(model.parameters(), spec.train)
+    schedule = make_schedule(optimizer, spec.train)
+    start, history = _restore(model, optimizer, schedule)
+    resumed = start > 0
+    train_shard = ray.train.get_dataset_shard("train")
+    validation_shard = ray.train.get_dataset_shard("validation")
+    dtypes = {"x": torch.float32, "y": torch.int64, "t": torch.float32, "t_values": torch.float32,
+              "t_indices": torch.int64, "t_rest": torch.float32}
+    for epoch in range(start, spec.train.epochs):
+        _seed_epoch(spec.train.seed, epoch, rank)
+        started = time.perf_counter()
+        batches = train_shard.iter_torch_batches(
+            batch_size=spec.train.batch_size, device=device, dtypes=dtypes, drop_last=False,
+            local_shuffle_buffer_size=spec.train.batch_size * SHUFFLE_BUFFER_BATCHES,
+            local_shuffle_seed=spec.train.seed * 1000 + epoch,
+        )
+        batches = _with_fault(batches, spec, epoch, rank, resumed)
+        metrics = train_epoch(model, optimizer, batches, spec.loss, spec.train, spec.model.num_outputs)
+        schedule.step()
+        seconds = time.perf_counter() - started
+        totals = _all_reduce(evaluate_batches(model, validation_shard.iter_torch_batches(
+            batch_size=1024, device=device, dtypes={"x": torch.float32, "y": torch.int64})))
+        metrics.update(validation_metrics(totals), epoch=epoch + 1, seconds=seconds,
+                       rows_per_second=metrics["rows"] / max(seconds, 1e-9), lr=schedule.get_last_lr()[0])
+        history.append({k: float(v) for k, v in metrics.items()})
+        _report(metrics, model, optimizer, schedule, epoch, history)
+
+
+def _with_fault(batches, spec: FitSpec, epoch: int, rank: int, resumed: bool):
+    for index, batch in enumerate(batches):
+        _maybe_fail(spec, epoch, rank, resumed, index)
+        yield batch
+
+
+# ------------------------------------------------------------------------------------ the driver
+@dataclass(frozen=True)
+class FitResult:
+    state_dict: dict[str, torch.Tensor]
+    history: list[dict[str, float]]
+    metrics: dict[str, Any]
+
+
+def use_gpu(resources: ResourcesConfig) -> bool:
+    if resources.use_gpu == "auto":
+        import ray
+
+        return ray.cluster_resources().get("GPU", 0) > 0
+    return bool(resources.use_gpu)
+
+
+def scaling_config(resources: ResourcesConfig, num_workers: int | None = None):
+    from ray.train import ScalingConfig
+
+    gpu = use_gpu(resources)
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return ScalingConfig(num_workers=num_workers or resources.num_workers, use_gpu=gpu,
+                         resources_per_worker=per_worker)
+
+
+def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, storage_path: str, name: str,
+        callbacks: list | None = None, num_workers: int | None = None) -> FitResult:
+    """Train with TorchTrainer; checkpoints under `storage_path/name` (re-running resumes there).
+
+    `datasets` holds Ray Datasets "train" and "validation", with the columns `spec.loss.columns()`.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchTrainer
+
+    columns = spec.loss.columns()
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"spec": spec},
+        scaling_config=scaling_config(resources, num_workers),
+        datasets={"train": datasets["train"].select_columns(columns),
+                  "validation": datasets["validation"].select_columns(["x", "y"])},
+        run_config=RunConfig(name=name, storage_path=storage_path,
+                             failure_config=FailureConfig(max_failures=resources.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=callbacks or []),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {name} finished without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+    return FitResult(state_dict=state["model"], history=state["history"], metrics=dict(result.metrics or {}))
+
+
+def final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
+    last = history[-1] if history else {}
+    return {key: last[key] for key in ("val_error", "val_nll", "train_error", "loss") if key in last and math.isfinite(last[key])}

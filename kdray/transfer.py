@@ -1,0 +1,87 @@
+"""The transfer stage: the teacher labels the transfer set once, and its logits are cached.
+
+Ray Data streams the transfer rows through an actor pool holding the teacher (one model or every
+ensemble member) and writes Parquet shards carrying each row's id, features, label and the teacher's
+logits, so student training and every sweep trial read cached targets instead of re-running the
+teacher at each step (paper, section 2). The transfer set is the training split, a fraction of it,
+the training split minus some classes, or a separate (possibly unlabeled) dataset.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
+
+from kdray.config import TransferConfig
+from kdray.data import read_manifest, read_split, sample_rows
+from kdray.data.shards import ordered
+from kdray.inference import ModelRef, features, fixed_size_list, map_logits
+from kdray.losses import topk_logits
+from kdray.pipeline import StageContext, StageResult
+from kdray.storage import Storage
+from kdray.train import TEACHER_LOGITS, TOPK_COLUMNS
+
+SHARDS_DIR = "shards"
+
+
+def transfer_rows(config: TransferConfig, dataset_location: str):
+    """The (lazy) Ray Dataset of transfer rows, before the teacher sees them."""
+    if config.dataset:
+        return read_split(Storage(config.dataset), "train")
+    rows = read_split(Storage(dataset_location), "train")
+    rows = sample_rows(rows, config.fraction, seed=config.seed, drop_classes=tuple(config.omit_classes))
+    if not config.use_labels:
+        rows = rows.map_batches(_forget_labels, batch_format="pyarrow")
+    return rows
+
+
+def _forget_labels(batch: pa.Table) -> pa.Table:
+    unlabeled = pa.array(np.full(batch.num_rows, -1, dtype=np.int64))
+    return batch.set_column(batch.schema.get_field_index("y"), "y", unlabeled)
+
+
+def compress_topk(k: int):
+    """A batch function replacing the logits column by top-k values, indices and the rest's log-mass."""
+    import torch
+
+    def compress(batch: pa.Table) -> pa.Table:
+        logits = torch.from_numpy(features(batch, TEACHER_LOGITS))
+        values, indices, rest = topk_logits(logits, k)
+        values_column, indices_column, rest_column = TOPK_COLUMNS
+        batch = batch.drop_columns([TEACHER_LOGITS])
+        batch = batch.append_column(values_column, fixed_size_list(values.numpy()))
+        batch = batch.append_column(indices_column, fixed_size_list(indices.numpy()))
+        return batch.append_column(rest_column, pa.array(rest.numpy().astype(np.float32)))
+
+    return compress
+
+
+def count_rows(storage: Storage, directory: str) -> int:
+    """Rows in a directory of Parquet files, from their footers only."""
+    return pads.dataset(storage.path(directory), filesystem=storage.filesystem, format="parquet").count_rows()
+
+
+def run_transfer(context: StageContext) -> StageResult:
+    config = context.config.distill.transfer
+    teacher = ModelRef(**context.input_output("teacher", "teacher"))
+    rows = transfer_rows(config, context.input_output("data", "dataset"))
+    labelled = map_logits(rows, teacher, output_column=TEACHER_LOGITS,
+                          concurrency=max(1, context.config.resources.num_workers))
+    if config.top_k:
+        labelled = labelled.map_batches(compress_topk(config.top_k), batch_format="pyarrow")
+    output = context.output
+    labelled.write_parquet(output.path(SHARDS_DIR), filesystem=output.filesystem)
+    rows_written = count_rows(output, SHARDS_DIR)
+    num_classes = read_manifest(Storage(context.input_output("data", "dataset"))).num_classes
+    summary = {"rows": rows_written, "top_k": config.top_k, "fraction": config.fraction,
+               "omitted_classes": list(config.omit_classes), "num_classes": num_classes}
+    return StageResult(outputs={"transfer": output.uri(SHARDS_DIR)}, summary=summary)
+
+
+def read_transfer(location: str):
+    """The cached transfer shards as a streamed Ray Dataset."""
+    import ray.data
+
+    storage = Storage(location)
+    return ordered(ray.data.read_parquet(storage.path(), filesystem=storage.filesystem))

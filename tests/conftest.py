@@ -1,0 +1,12 @@
+"""Shared fixtures: one real local Ray for the whole session (2 CPUs, as on the CI machine)."""
+
+import pytest
+import ray
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()

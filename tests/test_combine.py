@@ -1,0 +1,199 @@
+"""Tests for kdray.combine: closed forms, a brute-force optimum, EM against the paper's gradient descent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdray.combine import (
+    combine,
+    combine_by_em,
+    combine_by_gradient,
+    combine_objective,
+    select_active_specialists,
+)
+
+F64 = torch.float64
+SOLVERS = {
+    "em": lambda *inputs: combine_by_em(*inputs, max_iterations=5000, tolerance=1e-12),
+    "gradient": lambda *inputs: combine_by_gradient(*inputs, steps=150),
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def _specialists(membership: torch.Tensor, batch: int, dustbin_scale: float = 1.0):
+    """Random specialist outputs (specialist_in [B, M, C], specialist_dustbin [B, M]) over `membership`."""
+    num_specialists, num_classes = membership.shape
+    logits = torch.randn(batch, num_specialists, num_classes + 1, dtype=F64)
+    logits[..., -1] += torch.log(torch.tensor(dustbin_scale, dtype=F64))
+    # Classes outside S_m get no probability: only S_m and the dustbin are in a specialist's softmax.
+    logits[..., :-1] = logits[..., :-1].masked_fill(~membership, float("-inf"))
+    probs = logits.softmax(-1)
+    return probs[..., :-1], probs[..., -1]
+
+
+def _random_case(batch: int = 6, num_classes: int = 9, num_specialists: int = 4, dustbin_scale: float = 1.0):
+    """Overlapping random subsets, every example with at least two active specialists."""
+    membership = torch.rand(num_specialists, num_classes) < 0.45
+    membership[torch.arange(num_specialists), torch.arange(num_specialists)] = True  # no empty subset
+    membership[:, -1] = False  # no subset is every class, so each has a non-empty dustbin
+    membership[0, 1] = membership[1, 0] = True  # at least one overlap
+    generalist = torch.randn(batch, num_classes, dtype=F64).mul(2).softmax(-1)
+    specialist_in, dustbin = _specialists(membership, batch, dustbin_scale)
+    active = torch.rand(batch, num_specialists) < 0.6
+    active[:, :2] = True
+    return generalist, specialist_in, dustbin, membership, active
+
+
+# ------------------------------------------------------------------------------ closed forms
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_no_active_specialist_returns_generalist_exactly(solver: str) -> None:
+    generalist, specialist_in, dustbin, membership, _ = _random_case()
+    active = torch.zeros(6, 4, dtype=torch.bool)
+    q = SOLVERS[solver](generalist, specialist_in, dustbin, membership, active)
+    assert torch.equal(q, generalist)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_specialist_over_every_class_averages(solver: str) -> None:
+    generalist = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]], dtype=F64)
+    specialist = torch.tensor([[[0.1, 0.3, 0.6]], [[0.5, 0.25, 0.25]]], dtype=F64)
+    membership = torch.ones(1, 3, dtype=torch.bool)
+    q = SOLVERS[solver](generalist, specialist, torch.zeros(2, 1, dtype=F64), membership,
+                        torch.ones(2, 1, dtype=torch.bool))
+    assert torch.allclose(q, (generalist + specialist[:, 0]) / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", sorted(SOLVERS))
+def test_coarsened_dustbin_by_hand(solver: str) -> None:
+    """C = 3, one specialist over {0} whose dustbin covers {1, 2}: q0 = a0 / 2, and the rest
+    (a1 + a2 + d) / 2 splits between classes 1 and 2 in the ratio a1 : a2 (their only other data)."""
+    generalist = torch.tensor([[0.5, 0.3, 0.2]], dtype=F64)
+    specialist_in = torch.tensor([[[0.6, 0.0, 0.0]]], dtype=F64)
+    dustbin = torch.tensor([[0.4]], dtype=F64)
+    membership = torch.tensor([[True, False, False]])
+    q = SOLVERS[solver](generalist, specialist_in, dustbin, membership, torch.ones(1, 1, dtype=torch.bool))
+    rest = (0.3 + 0.2 + 0.4) / 2
+    expected = torch.tensor([[1.1 / 2, rest * 0.6, rest * 0.4]], dtype=F64)
+    assert torch.allclose(q, expected, atol=1e-6)
+
+
+def test_dustbin_over_one_class_by_hand() -> None:
+    """C = 3, one specialist over {0, 1}: its dustbin is class 2's mass, so q = (a0, a1, a2 + d) / 2."""
+    generalist = torch.tensor([[0.2, 0.5, 0.3]], dtype=F64)
+    specialist_in = torch.tensor([[[0.6, 0.1, 0.0]]], dtype=F64)
+    dustbin = torch.tensor([[0.3]], dtype=F64)
+    membership = torch.tensor([[True, True, False]])
+    q = combine(generalist, specialist_in, dustbin, membership, torch.ones(1, 1, dtype=torch.bool))
+    assert torch.allclose(q, torch.tensor([[0.4, 0.3, 0.3]], dtype=F64), atol=1e-6)
+
+
+def test_matches_brute_force_grid_with_overlapping_specialists() -> None:
+    """C = 3, specialists over {0, 1} and {1, 2} (overlapping at 1): no closed form, so search a grid."""
+    generalist = torch.tensor([[0.5, 0.3, 0.2]], dtype=F64)
+    specialist_in = torch.tensor([[[0.2, 0.5, 0.0], [0.0, 0.1, 0.6]]], dtype=F64)
+    dustbin = torch.tensor([[0.3, 0.3]], dtype=F64)
+    membership = torch.tensor([[True, True, False], [False, True, True]])
+    active = torch.ones(1, 2, dtype=torch.bool)
+    q = combine(generalist, specialist_in, dustbin, membership, active, tolerance=1e-12)
+
+    step = 1e-3
+    q0, q1 = torch.meshgrid(torch.arange(step, 1, step, dtype=F64), torch.arange(step, 1, step, dtype=F64),
+                            indexing="ij")
+    inside = (q0 + q1) < 1 - step / 2
+    grid = torch.stack([q0[inside], q1[inside], 1 - q0[inside] - q1[inside]], dim=-1)
+    n = len(grid)
+    values = combine_objective(grid, generalist.expand(n, 3), specialist_in.expand(n, 2, 3),
+                               dustbin.expand(n, 2), membership, active.expand(n, 2))
+    best = grid[values.argmin()]
+    assert torch.allclose(q[0], best, atol=2 * step)
+    assert combine_objective(q, generalist, specialist_in, dustbin, membership, active).item() \
+        <= values.min().item() + 1e-12
+
+
+def test_em_optimum_has_zero_gradient() -> None:
+    """At the optimum the objective is stationary in the softmax parameters z (q = softmax(z))."""
+    inputs = _random_case()
+    q = combine_by_em(*inputs, max_iterations=5000, tolerance=1e-13)
+    z = q.log().requires_grad_(True)
+    combine_objective(z.softmax(-1), *inputs).sum().backward()
+    assert z.grad.abs().max().item() < 1e-8
+
+
+# ------------------------------------------------------------------------ EM against gradient
+@pytest.mark.parametrize("dustbin_scale", [0.2, 1.0, 10.0])
+def test_em_agrees_with_gradient_descent(dustbin_scale: float) -> None:
+    inputs = _random_case(dustbin_scale=dustbin_scale)
+    q_em = combine(*inputs, tolerance=1e-10, max_iterations=5000)
+    q_gradient = combine_by_gradient(*inputs, steps=150)
+    assert torch.allclose(q_em.sum(-1), torch.ones(6, dtype=F64), atol=1e-12)
+    assert (q_em - q_gradient).abs().max().item() < 1e-3
+    em_objective = combine_objective(q_em, *inputs)
+    assert (em_objective <= combine_objective(q_gradient, *inputs) + 1e-6).all()
+    # The specialists moved q: the test would pass vacuously if q stayed at p_g.
+    assert (q_em - inputs[0]).abs().max().item() > 1e-2
+    assert (em_objective < combine_objective(inputs[0], *inputs) - 1e-3).all()
+
+
+def test_em_objective_never_increases() -> None:
+    inputs = _random_case(dustbin_scale=5.0)  # big dustbins: EM's slow case, many informative steps
+    objectives = torch.stack([combine_objective(combine_by_em(*inputs, max_iterations=n, tolerance=0.0), *inputs)
+                              for n in range(1, 40)])
+    steps = objectives[1:] - objectives[:-1]
+    assert (steps <= 1e-12).all()
+    assert (objectives[-1] < objectives[0] - 1e-4).any()  # it did move
+
+
+def test_float32_inputs_keep_their_dtype() -> None:
+    inputs = [t.float() if t.is_floating_point() else t for t in _random_case()]
+    q = combine(*inputs)
+    assert q.dtype == torch.float32
+    assert torch.allclose(q.double(), combine(*_cast(inputs, F64), tolerance=1e-12), atol=1e-4)
+
+
+def _cast(tensors, dtype):
+    return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+
+
+# -------------------------------------------------------------------------------- activation
+def test_select_active_specialists_top_n() -> None:
+    generalist = torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.05, 0.15, 0.2, 0.6]])
+    membership = torch.tensor([[True, False, False, False],   # S_0 = {0}
+                               [False, True, True, False],    # S_1 = {1, 2}
+                               [False, False, True, True]])   # S_2 = {2, 3}
+    top1 = select_active_specialists(generalist, membership, top_n=1)
+    assert torch.equal(top1, torch.tensor([[True, False, False], [False, False, True]]))
+    top2 = select_active_specialists(generalist, membership, top_n=2)
+    assert torch.equal(top2, torch.tensor([[True, True, False], [False, True, True]]))
+
+
+def test_select_active_specialists_rejects_bad_top_n() -> None:
+    with pytest.raises(ValueError, match="top_n"):
+        select_active_specialists(torch.full((1, 3), 1 / 3), torch.ones(2, 3, dtype=torch.bool), top_n=4)
+
+
+# ------------------------------------------------------------------------------------ errors
+def test_shape_mismatches_raise_value_error() -> None:
+    generalist, specialist_in, dustbin, membership, active = _random_case()
+    with pytest.raises(ValueError, match="membership"):
+        combine(generalist, specialist_in, dustbin, membership[:, :-1], active)
+    with pytest.raises(ValueError, match="specialist_in"):
+        combine(generalist, specialist_in[:, :-1], dustbin, membership, active)
+    with pytest.raises(ValueError, match="specialist_dustbin"):
+        combine(generalist, specialist_in, dustbin[:-1], membership, active)
+    with pytest.raises(ValueError, match="active"):
+        combine(generalist, specialist_in, dustbin, membership, active[:, :-1])
+    with pytest.raises(ValueError, match="membership"):
+        select_active_specialists(generalist, membership[:, :-1])
+
+
+def test_wrong_dtypes_raise_type_error() -> None:
+    generalist, specialist_in, dustbin, membership, active = _random_case()
+    with pytest.raises(TypeError, match="membership"):
+        combine(generalist, specialist_in, dustbin, membership.float(), active)
+    with pytest.raises(TypeError, match="active"):
+        combine(generalist, specialist_in, dustbin, membership, active.long())
