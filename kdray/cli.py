@@ -61,9 +61,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_config(config)
     run = _run_storage(config)
     print(f"[kdray] run directory: {run.location}")
-    with ray_session(args.address, config.resources.local_num_cpus):
+    with ray_session(args.address, config.resources.local_num_cpus, progress=not args.no_progress):
         outcomes = run_pipeline(pipeline_stages(), config, run, progress=not args.no_progress)
     _print_outcomes(outcomes)
+    _print_results(run)
     print(f"[kdray] finished: {run.location}")
     return 0
 
@@ -74,6 +75,13 @@ def _print_outcomes(outcomes) -> None:
         summary = (outcome.manifest or {}).get("summary", {})
         text = ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)) or k == "rows")
         print(f"{outcome.name:<14}{outcome.status:<10}{outcome.seconds:>9.1f}  {text}")
+
+
+def _print_results(run) -> None:
+    from kdray.evaluate import RESULTS, format_results_table
+
+    if run.exists(RESULTS):
+        print("\n" + format_results_table(run.read_json(RESULTS)))
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:

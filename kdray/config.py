@@ -244,11 +244,15 @@ def parse_overrides(pairs: list[str]) -> dict:
     return tree
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def _deep_merge(base: dict, update: dict, source: str, prefix: str = "") -> dict:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = _deep_merge(merged[key], value, source, f"{prefix}{key}.")
+        elif isinstance(value, dict) and merged.get(key) is not None:
+            # Replacing it would silently drop the file's invalid value instead of reporting it.
+            raise ConfigError(f"invalid config {source}:\n  {prefix}{key}: not a section, cannot override "
+                              f"its keys (got {merged[key]!r})")
         else:
             merged[key] = value
     return merged
@@ -287,7 +291,7 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
     if raw is not None and not isinstance(raw, dict):  # before merging: dict() of a list is not an error
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
     if overrides:
-        raw = _deep_merge(raw or {}, overrides)
+        raw = _deep_merge(raw or {}, overrides, source)
     return config_from_dict(raw, source)
 
 

@@ -276,14 +276,20 @@ def evaluate_manifests(run: Storage, manifests: Mapping[str, dict[str, Any]], ba
     for name, (stage, _) in published.items():
         if (combine := combiner(stage)) is not None:
             rows = combine(tagged_splits(storage, splits, manifest), run, manifests[stage], name, batch_size)
-            reduced = rows.map_batches(_logits_statistics, batch_format="pyarrow", fn_kwargs={
-                "model": name, "num_classes": manifest.num_classes, "splits": splits})
-            merged = merge_statistics(reduced, manifest.num_classes).get(name, {})
-            stats[name] = {split: merged.get(split, ClassificationStats.empty(manifest.num_classes)) for split in splits}
+            stats[name] = _combined_statistics(rows, name, manifest.num_classes, splits)
+    # The test split keeps its confusion matrix and calibration bins (for plots); validation its figures.
     models = {name: {"stage": stage, **{split: stats[name][split].to_dict(state=split == "test") for split in splits}}
               for name, (stage, _) in published.items()}
     return {"dataset": location, "num_classes": manifest.num_classes, "class_names": list(manifest.class_names),
             "splits": list(splits), "models": models, "derived": derived_figures(models)}
+
+
+def _combined_statistics(rows, model: str, num_classes: int, splits: tuple[str, ...]) -> dict[str, ClassificationStats]:
+    """Per-split statistics of a Dataset that carries a model's "logits" column (a combiner's output)."""
+    reduced = rows.map_batches(_logits_statistics, batch_format="pyarrow",
+                               fn_kwargs={"model": model, "num_classes": num_classes, "splits": splits})
+    merged = merge_statistics(reduced, num_classes).get(model, {})
+    return {split: merged.get(split, ClassificationStats.empty(num_classes)) for split in splits}
 
 
 def derived_figures(models: Mapping[str, dict[str, Any]]) -> dict[str, float | None]:
@@ -291,9 +297,8 @@ def derived_figures(models: Mapping[str, dict[str, Any]]) -> dict[str, float | N
     gap_recovered (teacher, baseline, student) and ensemble_gain_kept (>= 2 teacher members)."""
     test = {name: value["test"] for name, value in models.items()}
     figures: dict[str, float | None] = {}
-    if {TEACHER, BASELINE, STUDENT} <= test.keys():
-        errors = [test[name]["error_rate"] for name in (TEACHER, BASELINE, STUDENT)]
-        figures["gap_recovered"] = None if None in errors else _finite(gap_recovered(*errors))
+    if {TEACHER, BASELINE, STUDENT} <= test.keys():  # error counts, as the paper reports them
+        figures["gap_recovered"] = _finite(gap_recovered(*(test[name]["errors"] for name in (TEACHER, BASELINE, STUDENT))))
     members = [name for name in test if name.startswith(MEMBER_PREFIX)]
     if len(members) >= 2 and {TEACHER, STUDENT} <= test.keys():
         accuracies = [test[name]["accuracy"] for name in members + [TEACHER, STUDENT]]

@@ -64,7 +64,10 @@ class LogitsPredictor:
 def map_logits(dataset, model: ModelRef, output_column: str = "logits", batch_size: int = 2048,
                concurrency: int = 1, num_gpus: float = 0):
     """`dataset` plus a logits column, computed by an actor pool (lazy; streams when consumed)."""
+    import ray.data
+
     return dataset.map_batches(
         LogitsPredictor, fn_constructor_kwargs={"model": model, "output_column": output_column},
-        batch_size=batch_size, batch_format="pyarrow", concurrency=concurrency, num_gpus=num_gpus,
+        batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
+        num_gpus=num_gpus,
     )

@@ -7,6 +7,7 @@ user sees `DatasetError: shard ... is truncated` rather than a Ray traceback wra
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,8 +17,12 @@ import ray
 
 
 @contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None, quiet: bool = True) -> Iterator[None]:
+def ray_session(address: str | None = None, num_cpus: int | None = None, quiet: bool = True,
+                progress: bool = True) -> Iterator[None]:
     """Use the running Ray, the cluster at `address`/RAY_ADDRESS, or start a local one in-process."""
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = progress
     if ray.is_initialized():
         yield
         return
@@ -29,6 +34,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, quiet: 
     if address is None and num_cpus is not None:
         options["num_cpus"] = num_cpus
     ray.init(address=address, **options)
+    if quiet:
+        # Ray Data logs every execution plan at INFO: noise next to kdray's own stage lines.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:
         yield
     finally:

@@ -73,6 +73,17 @@ def test_not_a_mapping_is_rejected_even_with_overrides(tmp_path, case):
         load_config(path, {"distill": {"temperature": 8}})
 
 
+@pytest.mark.parametrize("text, overrides, key", [
+    ("storage: 5\n", {"storage": {"run_name": "x"}}, "storage"),
+    ("distill:\n  student: mlp\n", {"distill": {"student": {"hidden": [4]}}}, "distill.student"),
+])
+def test_an_override_does_not_hide_an_invalid_section_in_the_file(tmp_path, text, overrides, key):
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(path, overrides)
+    assert path in str(error.value) and f"  {key}: not a section" in str(error.value)
+
+
 def test_missing_file_is_a_config_error(tmp_path):
     missing = str(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="cannot read config") as error:

@@ -65,9 +65,10 @@ def dataset(tmp_path) -> Storage:
 
 @pytest.fixture
 def data_context(ray_local):
-    """Ray Data's default context, created once with Ray's own warning silenced: in Ray 2.60
-    `DataContext()` warns that its default `use_push_based_shuffle` is deprecated. pyproject ignores
-    that warning, but a command-line `-W error::DeprecationWarning` would override the ignore."""
+    """The local Ray, with Ray Data's default context created once with Ray's own warning silenced:
+    in Ray 2.60 `DataContext()` warns that its default `use_push_based_shuffle` is deprecated.
+    pyproject ignores that warning, but a command-line `-W error::DeprecationWarning` overrides the
+    ignore, and both `read_split` and `ray_session` (the CLI) create the context."""
     from ray.data import DataContext
 
     with warnings.catch_warnings():
@@ -130,14 +131,14 @@ def test_read_split_streams_the_split_rows(data_context, dataset):
 
 
 # ------------------------------------------------------------------------------------ checks
-def test_inspect_reports_rows_and_class_histogram(ray_local, dataset):
+def test_inspect_reports_rows_and_class_histogram(data_context, dataset):
     report = inspect_dataset(dataset)
     assert [shard.rows for shard in report.shards] == [8, 8, 8]
     np.testing.assert_array_equal(report.class_histogram(), [8, 8, 8, 0])  # index C: unlabeled rows
     np.testing.assert_array_equal(report.class_histogram("train"), [6, 5, 5, 0])  # ids 0..15 mod 3
 
 
-def test_unlabeled_rows_are_valid_and_counted_apart(ray_local, dataset):
+def test_unlabeled_rows_are_valid_and_counted_apart(data_context, dataset):
     ids, features, labels = shard_arrays(ROWS_PER_SHARD)
     labels = np.where(ids % 2 == 0, -1, labels)
     replace_shard(dataset, BAD_SHARD, shard_table(ids, features, labels))
@@ -145,7 +146,7 @@ def test_unlabeled_rows_are_valid_and_counted_apart(ray_local, dataset):
     assert report.class_histogram()[CLASSES] == 4 and report.class_histogram().sum() == 24
 
 
-def test_cli_inspect_prints_the_summary(ray_local, dataset, capsys):
+def test_cli_inspect_prints_the_summary(data_context, dataset, capsys):
     code, out, err = inspect_cli(dataset.location, capsys)
     assert code == 0, err
     assert "rows           24  (train: 16, test: 8)" in out
@@ -175,7 +176,7 @@ def _int32_labels(table: pa.Table) -> pa.Table:
 
 
 @pytest.mark.parametrize("change", [_wrong_float_type, _variable_length_lists, _extra_column, _int32_labels])
-def test_schema_differing_from_the_manifest_names_the_shard(ray_local, dataset, capsys, change):
+def test_schema_differing_from_the_manifest_names_the_shard(data_context, dataset, capsys, change):
     replace_shard(dataset, BAD_SHARD, change(shard_table(*shard_arrays(ROWS_PER_SHARD))))
     code, _, err = inspect_cli(dataset.location, capsys)
     assert code == 2
@@ -183,7 +184,7 @@ def test_schema_differing_from_the_manifest_names_the_shard(ray_local, dataset, 
 
 
 @pytest.mark.parametrize("bad_label", [CLASSES, 99, -2])
-def test_label_outside_the_classes_names_the_shard(ray_local, dataset, capsys, bad_label):
+def test_label_outside_the_classes_names_the_shard(data_context, dataset, capsys, bad_label):
     ids, features, labels = shard_arrays(ROWS_PER_SHARD)
     labels[5] = bad_label
     replace_shard(dataset, BAD_SHARD, shard_table(ids, features, labels))
@@ -193,7 +194,7 @@ def test_label_outside_the_classes_names_the_shard(ray_local, dataset, capsys, b
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
-def test_non_finite_feature_names_the_shard_and_row(ray_local, dataset, capsys, bad_value):
+def test_non_finite_feature_names_the_shard_and_row(data_context, dataset, capsys, bad_value):
     ids, features, labels = shard_arrays(ROWS_PER_SHARD)
     features[3, 2] = bad_value
     replace_shard(dataset, BAD_SHARD, shard_table(ids, features, labels))
@@ -202,7 +203,7 @@ def test_non_finite_feature_names_the_shard_and_row(ray_local, dataset, capsys, 
     assert f"shard {dataset.path(BAD_SHARD)}: NaN or infinite feature (row id 11)" in err
 
 
-def test_flipped_byte_fails_the_checksum(ray_local, dataset, capsys):
+def test_flipped_byte_fails_the_checksum(data_context, dataset, capsys):
     path = dataset.path(BAD_SHARD)
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 0xFF
@@ -212,7 +213,7 @@ def test_flipped_byte_fails_the_checksum(ray_local, dataset, capsys):
     assert f"shard {path} fails its checksum" in err
 
 
-def test_truncated_shard_is_named(ray_local, dataset, capsys):
+def test_truncated_shard_is_named(data_context, dataset, capsys):
     path = dataset.path(BAD_SHARD)
     data = open(path, "rb").read()
     open(path, "wb").write(data[: len(data) - 100])
@@ -221,14 +222,14 @@ def test_truncated_shard_is_named(ray_local, dataset, capsys):
     assert f"shard {path} is truncated or altered: {len(data) - 100} bytes, manifest says {len(data)}" in err
 
 
-def test_shard_in_the_manifest_but_missing_is_named(ray_local, dataset, capsys):
+def test_shard_in_the_manifest_but_missing_is_named(data_context, dataset, capsys):
     dataset.delete(BAD_SHARD)
     code, _, err = inspect_cli(dataset.location, capsys)
     assert code == 2
     assert f"shard {dataset.path(BAD_SHARD)} is listed in manifest.json but missing" in err
 
 
-def test_row_count_differing_from_the_manifest_is_named(ray_local, dataset):
+def test_row_count_differing_from_the_manifest_is_named(data_context, dataset):
     manifest = read_manifest(dataset)
     shards = tuple(dataclasses.replace(s, rows=9) if s.file == BAD_SHARD else s for s in manifest.shards)
     write_manifest(dataset, dataclasses.replace(manifest, shards=shards))
@@ -236,7 +237,7 @@ def test_row_count_differing_from_the_manifest_is_named(ray_local, dataset):
         inspect_dataset(dataset)
 
 
-def test_directory_without_manifest_is_not_a_dataset(ray_local, tmp_path, capsys):
+def test_directory_without_manifest_is_not_a_dataset(data_context, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "train-00000.parquet").write_bytes(b"PAR1")
     code, out, err = inspect_cli(str(tmp_path / "empty"), capsys)
@@ -244,7 +245,7 @@ def test_directory_without_manifest_is_not_a_dataset(ray_local, tmp_path, capsys
     assert f"{tmp_path / 'empty' / 'manifest.json'} not found: not a kdray dataset" in err
 
 
-def test_inspect_through_a_file_uri(ray_local, dataset, capsys):
+def test_inspect_through_a_file_uri(data_context, dataset, capsys):
     code, out, err = inspect_cli(f"file://{dataset.location}", capsys)
     assert code == 0, err
     assert "all shards OK" in out

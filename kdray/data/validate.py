@@ -75,12 +75,9 @@ def _check_batch(batch: pa.RecordBatch, num_classes: int, where: str) -> np.ndar
     return np.bincount(labeled, minlength=num_classes + 1)
 
 
-def check_shard(storage: Storage, shard: ShardInfo, manifest: DatasetManifest) -> ShardReport:
-    """Run every check on one shard; DatasetError naming the shard on the first failure."""
-    _check_integrity(storage, shard)
-    where = storage.uri(shard.file)
+def _check_contents(stream, manifest: DatasetManifest, where: str) -> tuple[np.ndarray, int]:
     try:
-        parquet = pq.ParquetFile(storage.open_input(shard.file))
+        parquet = pq.ParquetFile(stream)
     except (pa.ArrowInvalid, OSError) as error:
         raise DatasetError(f"shard {where} is not readable Parquet: {error}") from None
     if not parquet.schema_arrow.equals(manifest.schema):
@@ -89,6 +86,15 @@ def check_shard(storage: Storage, shard: ShardInfo, manifest: DatasetManifest) -
     for batch in parquet.iter_batches(batch_size=65_536):
         counts += _check_batch(batch, manifest.num_classes, where)
         rows += batch.num_rows
+    return counts, rows
+
+
+def check_shard(storage: Storage, shard: ShardInfo, manifest: DatasetManifest) -> ShardReport:
+    """Run every check on one shard; DatasetError naming the shard on the first failure."""
+    _check_integrity(storage, shard)
+    where = storage.uri(shard.file)
+    with storage.open_input(shard.file) as stream:
+        counts, rows = _check_contents(stream, manifest, where)
     if rows != shard.rows:
         raise DatasetError(f"shard {where} has {rows} rows, the manifest says {shard.rows}")
     return ShardReport(shard.file, shard.split, rows, tuple(int(c) for c in counts))

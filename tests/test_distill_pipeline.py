@@ -1,0 +1,77 @@
+"""data -> teacher -> transfer -> student -> evaluate on a tiny dataset, through the real runner."""
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from tiny_data import write_blobs
+
+from kdray.artifacts import load_bundle
+from kdray.config import config_from_dict
+from kdray.evaluate import RESULTS
+from kdray.inference import features
+from kdray.pipeline import run_pipeline
+from kdray.stages import pipeline_stages
+from kdray.storage import Storage
+from kdray.transfer import read_transfer
+
+TRAIN = {"epochs": 3, "batch_size": 64, "lr": 0.01}
+
+
+def _config(data, storage, **distill):
+    return config_from_dict({
+        "data": {"source": "parquet", "path": data},
+        "teacher": {"model": {"name": "mlp", "hidden": [32]}, "train": TRAIN},
+        "distill": {"student": {"name": "mlp", "hidden": [8]}, "train": TRAIN, "temperature": 2.0, **distill},
+        "resources": {"cpus_per_worker": 0.5},
+        "storage": {"storage_path": storage, "run_name": "tiny"},
+    })
+
+
+@pytest.fixture(scope="module")
+def finished_run(ray_local, tmp_path_factory):
+    data = str(tmp_path_factory.mktemp("data"))
+    write_blobs(data)
+    storage = str(tmp_path_factory.mktemp("runs"))
+    config = _config(data, storage, bias_correction=True, transfer={"omit_classes": [3]})
+    run = Storage(storage).child("tiny")
+    # An interruption between stages: only the first two ran; the full run must not redo them.
+    first = run_pipeline(pipeline_stages()[:2], config, run, progress=False, log=lambda _: None)
+    full = run_pipeline(pipeline_stages(), config, run, progress=False, log=lambda _: None)
+    return config, run, first, full
+
+
+def test_stages_ran_once_and_rerun_recomputes_nothing(finished_run):
+    config, run, first, full = finished_run
+    assert [o.status for o in first] == ["ran", "ran"]
+    assert [o.status for o in full] == ["skipped", "skipped", "ran", "ran", "ran"]
+    again = run_pipeline(pipeline_stages(), config, run, progress=False, log=lambda _: None)
+    assert {o.status for o in again} == {"skipped"}
+
+
+def test_transfer_logits_equal_the_teachers_outputs(finished_run):
+    _, run, _, _ = finished_run
+    teacher, _ = load_bundle(run.child("teacher"), "member-00")
+    shards = read_transfer(run.read_json("transfer", "manifest.json")["outputs"]["transfer"])
+    table = pa.concat_tables(shards.iter_batches(batch_format="pyarrow"))
+    with torch.no_grad():
+        expected = teacher(torch.from_numpy(features(table))).numpy()
+    np.testing.assert_allclose(features(table, "t"), expected, rtol=1e-5, atol=1e-5)
+    labels = table.column("y").to_numpy()
+    assert 3 not in set(labels) and len(labels) > 0.6 * 800  # class 3 omitted, the rest kept
+
+
+def test_student_baseline_and_results(finished_run):
+    _, run, _, _ = finished_run
+    results = run.read_json(RESULTS)
+    models = results["models"]
+    assert {"teacher", "student", "baseline", "student-corrected"} <= set(models)
+    for name in ("teacher", "student", "baseline"):
+        assert models[name]["test"]["rows"] == 200
+        assert models[name]["test"]["error_rate"] < 0.75  # better than chance on 4 blobs
+    student_bias = load_bundle(run.child("student"), "student-corrected")[1].logit_bias
+    assert len(student_bias) == 4 and abs(sum(student_bias)) < 1e-4
+    exported = torch.export.load(run.child("student").path("student", "model.pt2")).module()
+    model, _ = load_bundle(run.child("student"), "student")
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(exported(x), model(x))
