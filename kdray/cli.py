@@ -64,8 +64,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     with ray_session(args.address, config.resources.local_num_cpus, progress=not args.no_progress):
         outcomes = run_pipeline(pipeline_stages(), config, run, progress=not args.no_progress)
     _print_outcomes(outcomes)
+    _print_sweep(run)
     _print_results(run)
+    _print_report(run)
     print(f"[kdray] finished: {run.location}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from kdray.pipeline import run_pipeline
+    from kdray.preflight import check_config
+    from kdray.runtime import ray_session
+    from kdray.stages import stages_for
+
+    config = _load(args)
+    config = config.model_copy(update={"sweep": config.sweep.model_copy(update={"enabled": True})})
+    check_config(config)
+    run = _run_storage(config)
+    print(f"[kdray] run directory: {run.location}")
+    with ray_session(args.address, config.resources.local_num_cpus, progress=not args.no_progress):
+        outcomes = run_pipeline(stages_for("sweep"), config, run, progress=not args.no_progress)
+    _print_outcomes(outcomes)
+    _print_sweep(run)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdray.evaluate import RunError
+    from kdray.report import write_report
+    from kdray.storage import Storage
+
+    try:
+        page = write_report(Storage(args.run_dir))
+    except RunError as error:
+        raise CommandError(str(error)) from None
+    print(f"[kdray] wrote {page}")
     return 0
 
 
@@ -75,6 +108,24 @@ def _print_outcomes(outcomes) -> None:
         summary = (outcome.manifest or {}).get("summary", {})
         text = ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)) or k == "rows")
         print(f"{outcome.name:<14}{outcome.status:<10}{outcome.seconds:>9.1f}  {text}")
+
+
+def _print_sweep(run) -> None:
+    from kdray.storage import Storage
+    from kdray.sweep import EXPERIMENT, TRIALS_JSON, format_trials_table, tensorboard_command
+
+    if run.exists("sweep", TRIALS_JSON):
+        table = run.read_json("sweep", TRIALS_JSON)
+        print(f"\nsweep trials (* best, by {table['metric']})")
+        print(format_trials_table(table["trials"], table["metric"], table["best"]))
+        print(f"[kdray] TensorBoard: {tensorboard_command(Storage(run.uri('sweep', EXPERIMENT)))}")
+
+
+def _print_report(run) -> None:
+    from kdray.report import PAGE, REPORT_DIR
+
+    if run.exists(REPORT_DIR, PAGE):
+        print(f"[kdray] report: {run.uri(REPORT_DIR, PAGE)}")
 
 
 def _print_results(run) -> None:
@@ -236,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local in-process Ray)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    sweep = _command(commands, "sweep", cmd_sweep, "tune the student's temperature and hard-target weight "
+                     "(and width) with Ray Tune on the cached transfer set; the stages it needs run first")
+    _add_config_arguments(sweep)
+    sweep.add_argument("--storage-path", help="where runs are stored: a path or URI (s3://, gs://, file://)")
+    sweep.add_argument("--run-name", help="the run's directory under the storage path")
+    sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local in-process Ray)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     config = _command(commands, "config", None, "inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     show = _command(config_commands, "show", cmd_config_show, "print the resolved config with all defaults")
@@ -274,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluate a run's models on its test split; write RUN_DIR/results.json and print the table")
     evaluate.add_argument("run_dir", help="the run directory, STORAGE_PATH/RUN_NAME (path or URI)")
     evaluate.add_argument("--address", help="Ray cluster address")
+
+    report = _command(commands, "report", cmd_report,
+                      "write RUN_DIR/report/index.html: results, learning curves, confusion matrices, sweep heatmaps")
+    report.add_argument("run_dir", help="the run directory, STORAGE_PATH/RUN_NAME (path or URI)")
 
     predict = _command(commands, "predict", cmd_predict, "write a run model's predictions for a dataset as Parquet")
     predict.add_argument("run_dir", help="the run directory, STORAGE_PATH/RUN_NAME (path or URI)")

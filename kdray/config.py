@@ -148,28 +148,48 @@ class ClusteringConfig(Section):
     min_size: PositiveInt = 2
     max_size: PositiveInt | None = None
     memberships: PositiveInt = 1  # >1: a class may join that many subsets (the paper's overlap)
-    batch_size: PositiveInt = 8
+    overlap_margin: NonNegativeFloat = 0.5  # extra subsets within (1 + margin) x the own centroid's distance
+    batch_size: PositiveInt = 8  # online k-means: columns per update
+    epochs: PositiveInt = 20  # online k-means: passes over the columns
+    restarts: PositiveInt = 8  # online k-means: seeds tried, least inertia kept
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _sizes_ordered(self) -> ClusteringConfig:
+        if self.max_size is not None and self.max_size < self.min_size:
+            raise ValueError(f"max_size ({self.max_size}) must be at least min_size ({self.min_size})")
+        return self
 
 
 class SpecialistsConfig(Section):
     train: TrainConfig = TrainConfig(epochs=4)
-    subset_fraction: OpenUnitFloat = 0.5  # share of each specialist's stream from its own classes
+    subset_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5  # share of each stream from its own classes
     soft_target_weight: UnitFloat = 0.0  # generalist soft targets as a regulariser
+    temperature: PositiveFloat = 2.0  # of those soft targets, and of distill_back's
     top_n: PositiveInt = 1  # the generalist's top-n classes select the active specialists
     distill_back: bool = False  # distil generalist + specialists into one student
+    distill_train: TrainConfig = TrainConfig(epochs=4)  # that student (the generalist's architecture)
+    distill_hard_weight: UnitFloat = 0.1
+    max_concurrent: PositiveInt | None = None  # specialists training at once; None: as many as CPUs allow
 
 
 class SweepConfig(Section):
     enabled: bool = False
     search: Literal["grid", "random"] = "grid"
-    temperatures: list[PositiveFloat] = [1.0, 2.0, 4.0, 8.0, 20.0]
-    hard_weights: list[UnitFloat] = [0.0, 0.1, 0.5]
+    temperatures: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0, 2.0, 4.0, 8.0, 20.0]
+    hard_weights: Annotated[list[UnitFloat], Field(min_length=1)] = [0.0, 0.1, 0.5]
     widths: list[PositiveInt] = []  # hidden width of a 2-layer student; [] keeps distill.student
     num_samples: PositiveInt = 1
     max_epochs: PositiveInt = 10
     grace_period: PositiveInt = 2
     metric: Literal["val_error", "val_nll"] = "val_error"
+    seed: int = 0  # of random search's draws
+
+    @model_validator(mode="after")
+    def _grace_within_budget(self) -> SweepConfig:
+        if self.grace_period > self.max_epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) must not exceed max_epochs ({self.max_epochs})")
+        return self
 
 
 # ------------------------------------------------------------------------------------ runtime

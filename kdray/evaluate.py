@@ -108,7 +108,7 @@ def check_compatible(models: Mapping[str, ModelRef], feature_dim: int, num_class
 # returning the lazy `dataset` with all its columns plus "logits" ([C] float32 fixed-size lists).
 # Every model that stage lists in outputs["models"] is then evaluated (`evaluate_manifests`) and
 # predicted (`kdray.predict`) through it. An import path, so a stage's code loads only when needed.
-COMBINERS: dict[str, str] = {}
+COMBINERS: dict[str, str] = {"specialists": "kdray.combine_stage:combined_logits"}
 
 
 def combiner(stage: str) -> Callable | None:

@@ -177,13 +177,13 @@ def gap_recovered(teacher_error: float, baseline_error: float, student_error: fl
     """Share of the baseline-to-teacher error gap the distilled student closes:
     (baseline - student) / (baseline - teacher). Errors are counts or rates on one test set.
     The paper's MNIST figures, 146 -> 74 errors with a 67-error teacher, give 72 / 79 = 0.91.
-    nan when teacher and baseline have the same error (there is no gap to recover)."""
+    nan unless the teacher beats the baseline: with no gap (or a reversed one) the ratio means nothing."""
     gap = baseline_error - teacher_error
-    return math.nan if gap == 0 else (baseline_error - student_error) / gap
+    return math.nan if gap <= 0 else (baseline_error - student_error) / gap
 
 
 def ensemble_gain_kept(member_mean_acc: float, ensemble_acc: float, distilled_acc: float) -> float:
     """Share of the ensemble's accuracy gain over its average member that a single distilled model
-    keeps: (distilled - member_mean) / (ensemble - member_mean). nan when the ensemble gains nothing."""
+    keeps: (distilled - member_mean) / (ensemble - member_mean). nan unless the ensemble gains."""
     gain = ensemble_acc - member_mean_acc
-    return math.nan if gain == 0 else (distilled_acc - member_mean_acc) / gain
+    return math.nan if gain <= 0 else (distilled_acc - member_mean_acc) / gain

@@ -56,6 +56,9 @@ class Stage:
     config_keys: tuple[str, ...]  # dotted config paths this stage's result depends on
     depends_on: tuple[str, ...] = ()
     enabled: Callable[[Config], bool] = lambda config: True
+    # Upstream stages read when they ran earlier in this pipeline; a disabled (or absent) one is
+    # left out of the inputs instead of failing the run, e.g. evaluate reads the sweep if enabled.
+    optional_inputs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,7 @@ def _run_one(stage: Stage, config: Config, run: Storage, inputs: dict, fingerpri
     manifest = {
         "stage": stage.name,
         "fingerprint": fingerprint,
-        "inputs": {name: inputs[name]["fingerprint"] for name in stage.depends_on},
+        "inputs": {name: manifest["fingerprint"] for name, manifest in inputs.items()},
         "outputs": result.outputs,
         "summary": result.summary,
         "artifacts": [name for name in run.list(stage.name) if name != ATTEMPT],
@@ -142,7 +145,8 @@ def run_pipeline(
         missing = [name for name in stage.depends_on if name not in manifests]
         if missing:
             raise ValueError(f"stage {stage.name} needs {missing}, which are disabled or not earlier")
-        inputs = {name: manifests[name] for name in stage.depends_on}
+        names = stage.depends_on + tuple(name for name in stage.optional_inputs if name in manifests)
+        inputs = {name: manifests[name] for name in names}
         fingerprint = stage_fingerprint(stage, config, {n: m["fingerprint"] for n, m in inputs.items()})
         existing = read_stage_manifest(run, stage.name)
         started = time.time()

@@ -35,6 +35,11 @@ def _lazy(path: str):
     return run
 
 
+# Every specialists setting but max_concurrent, which changes how fast, not what, it trains.
+_SPECIALIST_KEYS = ("train", "subset_fraction", "soft_target_weight", "temperature", "top_n", "distill_back",
+                    "distill_train", "distill_hard_weight")
+
+
 def pipeline_stages() -> list[Stage]:
     return [
         Stage("data", _data_stage, config_keys=("data",)),
@@ -44,5 +49,32 @@ def pipeline_stages() -> list[Stage]:
               config_keys=("distill.temperature", "distill.hard_weight", "distill.student", "distill.train",
                            "distill.baseline", "distill.bias_correction", "distill.transfer"),
               depends_on=("data", "transfer")),
-        Stage("evaluate", _lazy("kdray.evaluate:run_evaluate"), config_keys=(), depends_on=("data", "teacher", "student")),
+        Stage("sweep", _lazy("kdray.sweep:run_sweep"),
+              config_keys=("sweep", "distill.student", "distill.train", "distill.transfer"),
+              depends_on=("data", "transfer"), enabled=lambda config: config.sweep.enabled),
+        Stage("clustering", _lazy("kdray.clustering:run_clustering"), config_keys=("clustering",),
+              depends_on=("data", "teacher"), enabled=lambda config: config.clustering.enabled),
+        Stage("specialists", _lazy("kdray.specialists:run_specialists"),
+              config_keys=tuple(f"specialists.{key}" for key in _SPECIALIST_KEYS),
+              depends_on=("data", "teacher", "clustering"), enabled=lambda config: config.clustering.enabled),
+        Stage("evaluate", _lazy("kdray.evaluate:run_evaluate"), config_keys=(), depends_on=("data", "teacher", "student"),
+              optional_inputs=("sweep", "specialists")),
+        # Reads files the optional stages leave (sweep trials, the clustering figure) when they ran.
+        Stage("report", _lazy("kdray.report:run_report"), config_keys=(), depends_on=("evaluate",),
+              optional_inputs=("sweep", "clustering", "specialists")),
     ]
+
+
+def stages_for(target: str) -> list[Stage]:
+    """`target` and the stages it depends on (transitively), in pipeline order: what `kdray sweep` runs."""
+    stages = pipeline_stages()
+    by_name = {stage.name: stage for stage in stages}
+    if target not in by_name:
+        raise ValueError(f"unknown stage {target!r}; stages: {list(by_name)}")
+    needed, pending = set(), [target]
+    while pending:
+        name = pending.pop()
+        if name not in needed:
+            needed.add(name)
+            pending.extend(by_name[name].depends_on)
+    return [stage for stage in stages if stage.name in needed]

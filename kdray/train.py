@@ -29,7 +29,7 @@ from kdray.models import apply_max_norm
 CHECKPOINT_FILE = "state.pt"
 TEACHER_LOGITS = "t"  # full teacher logits [C]
 TOPK_COLUMNS = ("t_values", "t_indices", "t_rest")  # top-k compressed teacher logits
-SHUFFLE_BUFFER_BATCHES = 4
+SHUFFLE_BUFFER_BATCHES = 8
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,32 @@ def validation_metrics(totals: torch.Tensor) -> dict[str, float]:
     return {"val_error": float(totals[1]) / rows, "val_nll": float(totals[2]) / rows}
 
 
+def shuffle_window(batches, window: int, generator: torch.Generator):
+    """Shuffle rows within consecutive windows of `window` batches, re-batched to the same size.
+
+    Ray Data's own local shuffle buffer depends on how rows happen to be cut into blocks, which
+    varies from run to run; this one depends only on the (ordered) row stream and the generator,
+    so a resumed epoch sees exactly the batches the interrupted one would have.
+    """
+    pending: list[dict[str, torch.Tensor]] = []
+    for batch in batches:
+        pending.append(batch)
+        if len(pending) == window:
+            yield from _shuffled(pending, generator)
+            pending = []
+    if pending:
+        yield from _shuffled(pending, generator)
+
+
+def _shuffled(pending: list[dict[str, torch.Tensor]], generator: torch.Generator):
+    size = len(pending[0]["x"])
+    merged = {name: torch.cat([batch[name] for batch in pending]) for name in pending[0]}
+    order = torch.randperm(len(merged["x"]), generator=generator, device=generator.device)
+    for start in range(0, len(order), size):
+        index = order[start:start + size]
+        yield {name: column[index] for name, column in merged.items()}
+
+
 # ------------------------------------------------------------------------------------ the worker
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     # Reseeding from (seed, epoch, rank) instead of carrying RNG state makes a resumed epoch
@@ -178,12 +204,6 @@ def _report(metrics: dict, model, optimizer, schedule, epoch: int, history: list
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _all_reduce(totals: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    return totals
-
-
 def _maybe_fail(spec: FitSpec, epoch: int, rank: int, resumed: bool, batch_index: int) -> None:
     # Fault injection for tests: the first attempt's rank 0 dies abruptly in the middle of the
     # epoch, as a preempted or OOM-killed worker would. A resumed attempt never fails again.
@@ -204,7 +224,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     if spec.init_weights is not None:
         model.load_state_dict(spec.init_weights)
     model = prepare_model(model)
-    optimizer, schedule = None, None
     optimizer = make_optimizer(model.parameters(), spec.train)
     schedule = make_schedule(optimizer, spec.train)
     start, history = _restore(model, optimizer, schedule)
@@ -216,18 +235,17 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start, spec.train.epochs):
         _seed_epoch(spec.train.seed, epoch, rank)
         started = time.perf_counter()
-        batches = train_shard.iter_torch_batches(
-            batch_size=spec.train.batch_size, device=device, dtypes=dtypes, drop_last=False,
-            local_shuffle_buffer_size=spec.train.batch_size * SHUFFLE_BUFFER_BATCHES,
-            local_shuffle_seed=spec.train.seed * 1000 + epoch,
-        )
-        batches = _with_fault(batches, spec, epoch, rank, resumed)
+        batches = train_shard.iter_torch_batches(batch_size=spec.train.batch_size, device=device, dtypes=dtypes)
+        generator = torch.Generator(device=device).manual_seed(spec.train.seed * 1000 + epoch)
+        batches = _with_fault(shuffle_window(batches, SHUFFLE_BUFFER_BATCHES, generator), spec, epoch, rank, resumed)
         metrics = train_epoch(model, optimizer, batches, spec.loss, spec.train, spec.model.num_outputs)
         schedule.step()
         seconds = time.perf_counter() - started
-        totals = _all_reduce(evaluate_batches(model, validation_shard.iter_torch_batches(
-            batch_size=1024, device=device, dtypes={"x": torch.float32, "y": torch.int64})))
-        metrics.update(validation_metrics(totals), epoch=epoch + 1, seconds=seconds,
+        if rank == 0:  # the validation set is not split: rank 0 sees all of it
+            totals = evaluate_batches(model, validation_shard.iter_torch_batches(
+                batch_size=1024, device=device, dtypes={"x": torch.float32, "y": torch.int64}))
+            metrics.update(validation_metrics(totals))
+        metrics.update(epoch=epoch + 1, seconds=seconds,
                        rows_per_second=metrics["rows"] / max(seconds, 1e-9), lr=schedule.get_last_lr()[0])
         history.append({k: float(v) for k, v in metrics.items()})
         _report(metrics, model, optimizer, schedule, epoch, history)
@@ -272,7 +290,7 @@ def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, sto
 
     `datasets` holds Ray Datasets "train" and "validation", with the columns `spec.loss.columns()`.
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     columns = spec.loss.columns()
@@ -282,6 +300,9 @@ def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, sto
         scaling_config=scaling_config(resources, num_workers),
         datasets={"train": datasets["train"].select_columns(columns),
                   "validation": datasets["validation"].select_columns(["x", "y"])},
+        # Only training data is split; the validation set streams whole to rank 0 (no split
+        # coordinator, so one actor less to start per run).
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),

@@ -115,8 +115,10 @@ def test_gap_recovered_on_the_papers_mnist_numbers():
     assert gap_recovered(teacher_error=67, baseline_error=146, student_error=74) == pytest.approx(72 / 79)
     assert gap_recovered(67, 146, 67) == 1.0 and gap_recovered(67, 146, 146) == 0.0
     assert math.isnan(gap_recovered(100, 100, 90))
+    assert math.isnan(gap_recovered(teacher_error=120, baseline_error=71, student_error=116))  # reversed gap
 
 
 def test_ensemble_gain_kept():
     assert ensemble_gain_kept(member_mean_acc=0.90, ensemble_acc=0.94, distilled_acc=0.93) == pytest.approx(0.75)
     assert math.isnan(ensemble_gain_kept(0.9, 0.9, 0.95))
+    assert math.isnan(ensemble_gain_kept(0.9, 0.85, 0.95))  # an ensemble worse than its members

@@ -1,0 +1,266 @@
+"""The sweep stage: Ray Tune over the student's temperature, hard-target weight and (optionally) the
+width of a 2-layer student, each trial one student trained by the shared loop on the cached transfer
+shards (a trial never runs the teacher).
+
+Layout, under the run directory:
+
+- ``sweep/tune/``: Tune's experiment, one directory per trial with ``progress.csv``, ``result.json``
+  and TensorBoard event files (``tensorboard --logdir RUN/sweep/tune``). If it exists when the stage
+  starts (an interrupted sweep), Tune restores it: finished trials are kept, unfinished and errored
+  ones resume, and each trial's TorchTrainer resumes from its own checkpoint in the work directory.
+- ``sweep/trials.csv`` and ``sweep/trials.json``: one row per trial (its parameters, the epochs it
+  trained before ASHA stopped it or its budget ran out, its last validation figures).
+- ``sweep/best/``: the best finished trial's configuration trained again to the sweep's budget and
+  exported (``model.pt2``); published as the model "student-swept" for the evaluate stage.
+
+ASHA compares trials at the epochs it reaches (``time_attr="epoch"``, the epoch the trial's own loop
+reports), so a trial resumed from a checkpoint keeps its place in the schedule.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from kdray.artifacts import ModelSpec, export_program, load_bundle, save_bundle
+from kdray.config import Config, ConfigError, ResourcesConfig, SweepConfig
+from kdray.pipeline import StageContext, StageResult
+from kdray.storage import Storage
+from kdray.train import FitSpec, LossSpec, final_metrics, fit
+
+EXPERIMENT = "tune"
+BEST = "best"
+TRIALS_CSV, TRIALS_JSON = "trials.csv", "trials.json"
+SWEPT = "student-swept"
+PARAMETERS = ("temperature", "hard_weight", "width")
+TRIAL_CPUS = 0.1  # the trial function only waits on its trainer (shared/RAY.md)
+DATA_CPUS = 1.0  # left free so Ray Data's read tasks (1 CPU each) can feed the trials' trainers
+COLUMNS = ("trial", *PARAMETERS, "epochs", "val_error", "val_nll", "seconds", "status")
+
+
+# ------------------------------------------------------------------------------------ the search
+def search_space(sweep: SweepConfig) -> dict[str, Any]:
+    """Tune's param_space: a grid over every value list, or random draws from them (`num_samples`
+    each). Random search draws from the same lists, so every trial lies on the grid the heatmaps use."""
+    from ray import tune
+
+    values: dict[str, list] = {"temperature": list(sweep.temperatures), "hard_weight": list(sweep.hard_weights)}
+    if sweep.widths:
+        values["width"] = list(sweep.widths)
+    pick = tune.grid_search if sweep.search == "grid" else tune.choice
+    return {name: pick(options) for name, options in values.items()}
+
+
+def check_sweep(config: Config) -> None:
+    """ConfigError naming the key when the sweep asks for something the student config cannot do."""
+    sweep, distill = config.sweep, config.distill
+    if sweep.widths and distill.student.name != "mlp":
+        raise ConfigError(f"invalid config: sweep.widths sets the hidden width of a 2-layer 'mlp' student, "
+                          f"but distill.student.name is {distill.student.name!r}; remove sweep.widths or use mlp")
+    if not distill.transfer.use_labels and any(weight > 0 for weight in sweep.hard_weights):
+        raise ConfigError("invalid config: sweep.hard_weights must be [0.0] when distill.transfer.use_labels is "
+                          f"false (the student sees no labels), got {sweep.hard_weights}")
+
+
+def trial_spec(base: FitSpec, params: dict[str, Any]) -> FitSpec:
+    """The student `base` with a trial's temperature, hard weight and (if swept) width."""
+    loss = replace(base.loss, temperature=float(params["temperature"]), hard_weight=float(params["hard_weight"]))
+    model = base.model
+    if params.get("width") is not None:
+        width = int(params["width"])
+        model = replace(model, options={**model.options, "hidden": [width, width]})
+    return replace(base, model=model, loss=loss)
+
+
+def trial_worker_cpus(cpus_per_worker: float, concurrent_trials: int, cluster_cpus: float) -> float:
+    """CPUs each trial's (single) training worker asks for: `cpus_per_worker`, lowered so that
+    `concurrent_trials` trials and their workers leave DATA_CPUS free for Ray Data's reads; otherwise
+    every trial's trainer waits for a read task that can never be scheduled."""
+    share = (cluster_cpus - DATA_CPUS) / concurrent_trials - TRIAL_CPUS
+    if share <= 0:
+        raise ConfigError(f"invalid config: resources.max_concurrent_trials={concurrent_trials} leaves no CPU for the "
+                          f"trials' workers on {cluster_cpus:g} CPUs; lower it")
+    return min(cpus_per_worker, math.floor(share * 100) / 100)
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """What every trial needs, as plain values (pickled once into Ray's object store)."""
+
+    base: FitSpec  # the student at the sweep's epoch budget
+    transfer: str  # the transfer stage's cached shards
+    dataset: str  # the dataset (its validation split)
+    resources: ResourcesConfig
+    storage: str  # where the trials' TorchTrainer runs keep their checkpoints
+
+
+def _datasets(setup: TrialSetup) -> dict[str, Any]:
+    from kdray.data import read_split
+    from kdray.transfer import read_transfer
+
+    return {"train": read_transfer(setup.transfer), "validation": read_split(Storage(setup.dataset), "validation")}
+
+
+def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
+    """One Tune trial: one TorchTrainer run whose per-epoch reports reach Tune (and ASHA)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trial = tune.get_context().get_trial_id()
+    fit(trial_spec(setup.base, params), _datasets(setup), setup.resources, setup.storage, f"trial-{trial}",
+        callbacks=[TuneReportCallback()], num_workers=1)
+
+
+def trial_dirname(trial) -> str:
+    """`T4-hw0.1-w300-<id>`: readable run names in TensorBoard."""
+    params = trial.config
+    width = f"-w{params['width']}" if params.get("width") is not None else ""
+    return f"T{params['temperature']:g}-hw{params['hard_weight']:g}{width}-{trial.trial_id}"
+
+
+def run_tune(setup: TrialSetup, sweep: SweepConfig, concurrent_trials: int, storage: Storage,
+             name: str = EXPERIMENT, verbose: int = 0):
+    """Run (or restore and finish) the Tune experiment `storage/name`; returns Tune's ResultGrid."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_CPUS})
+    if tune.Tuner.can_restore(storage.uri(name)):
+        tuner = tune.Tuner.restore(storage.uri(name), trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(sweep),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric, mode="min", num_samples=sweep.num_samples,
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=sweep.max_epochs, grace_period=sweep.grace_period),
+                search_alg=BasicVariantGenerator(random_state=sweep.seed),
+                max_concurrent_trials=concurrent_trials, trial_dirname_creator=trial_dirname),
+            run_config=tune.RunConfig(name=name, storage_path=storage.uri(), verbose=verbose))
+    return tuner.fit()
+
+
+# ------------------------------------------------------------------------------------ the trials table
+def trial_rows(results, max_epochs: int) -> list[dict[str, Any]]:
+    """One row per trial of a ResultGrid; status "finished" (trained `max_epochs`), "stopped"
+    (by ASHA) or "error"."""
+    rows = []
+    for result in results:
+        metrics = result.metrics or {}
+        epochs = int(metrics.get("epoch", 0))
+        status = "error" if result.error else ("finished" if epochs >= max_epochs else "stopped")
+        # A trial that failed before its first report has no metrics: its id ends its directory name.
+        row = {"trial": metrics.get("trial_id") or result.path.rstrip("/").rsplit("-", 1)[-1],
+               **{name: result.config.get(name) for name in PARAMETERS},
+               "epochs": epochs, "val_error": metrics.get("val_error"), "val_nll": metrics.get("val_nll"),
+               "seconds": round(float(metrics.get("time_total_s", 0.0)), 2), "status": status}
+        rows.append(row)
+    return sorted(rows, key=lambda row: row["trial"])
+
+
+def best_trial(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
+    """The finished trial with the lowest `metric` (ASHA-stopped trials stopped early for a reason,
+    and their figures come from fewer epochs). Ties go to the earlier trial."""
+    finished = [row for row in rows if row["status"] == "finished" and row.get(metric) is not None]
+    if not finished:
+        raise RuntimeError(f"no sweep trial finished with a {metric}; statuses: "
+                           f"{sorted({row['status'] for row in rows})}")
+    return min(finished, key=lambda row: row[metric])
+
+
+def trials_csv(rows: Sequence[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({name: ("" if row.get(name) is None else row[name]) for name in COLUMNS} for row in rows)
+    return buffer.getvalue()
+
+
+def format_trials_table(rows: Sequence[dict[str, Any]], metric: str, best: str | None = None) -> str:
+    """Fixed-width text, best `metric` first; the best trial marked with '*'."""
+    order = sorted(rows, key=lambda row: (row.get(metric) is None, row.get(metric) or 0.0))
+    show_width = any(row.get("width") is not None for row in rows)
+    header = f"  {'trial':<14}{'T':>7}{'hard w':>8}" + (f"{'width':>7}" if show_width else "") + \
+        f"{'epochs':>8}{'val error %':>13}{'val NLL':>9}{'seconds':>9}  status"
+    lines = [header, "-" * len(header)]
+    for row in order:
+        mark = "*" if row["trial"] == best else " "
+        width = f"{row['width'] if row.get('width') is not None else '':>7}" if show_width else ""
+        error = "n/a" if row.get("val_error") is None else f"{100 * row['val_error']:.2f}"
+        nll = "n/a" if row.get("val_nll") is None else f"{row['val_nll']:.4f}"
+        lines.append(f"{mark} {row['trial']:<14}{row['temperature']:>7g}{row['hard_weight']:>8g}{width}"
+                     f"{row['epochs']:>8}{error:>13}{nll:>9}{row['seconds']:>9.1f}  {row['status']}")
+    return "\n".join(lines)
+
+
+def tensorboard_command(experiment: Storage) -> str:
+    return f"tensorboard --logdir {experiment.uri()}"
+
+
+# ------------------------------------------------------------------------------------ the stage
+def sweep_spec(config: Config, input_shape: tuple[int, ...], num_classes: int) -> FitSpec:
+    """The student of `distill` at the sweep's epoch budget; each trial overrides its parameters."""
+    distill = config.distill
+    student = distill.student
+    return FitSpec(ModelSpec(student.name, student.options, tuple(input_shape), num_classes),
+                   distill.train.model_copy(update={"epochs": config.sweep.max_epochs}),
+                   LossSpec("distill", distill.temperature, distill.hard_weight, distill.transfer.top_k))
+
+
+def _train_best(context: StageContext, setup: TrialSetup, params: dict[str, Any]) -> dict[str, float]:
+    """Train the best configuration to the sweep's budget (resuming an interrupted attempt), save
+    and export it as `sweep/best/`."""
+    output = context.output
+    if not output.exists(BEST, "model.json"):
+        spec = trial_spec(setup.base, params)
+        result = fit(spec, _datasets(setup), context.config.resources, context.work.uri(), BEST)
+        output.write_json(result.history, BEST, "history.json")
+        save_bundle(output, BEST, spec.model, result.state_dict)
+    model, spec = load_bundle(output, BEST)
+    export_program(output, BEST, model, spec)
+    return final_metrics(output.read_json(BEST, "history.json"))
+
+
+def run_sweep(context: StageContext) -> StageResult:
+    import ray
+
+    from kdray.data import read_manifest
+
+    config, sweep = context.config, context.config.sweep
+    check_sweep(config)
+    dataset = context.input_output("data", "dataset")
+    manifest = read_manifest(Storage(dataset))
+    concurrent = config.resources.max_concurrent_trials
+    worker_cpus = trial_worker_cpus(config.resources.cpus_per_worker, concurrent, ray.cluster_resources().get("CPU", 0))
+    if worker_cpus < config.resources.cpus_per_worker:
+        print(f"[kdray] sweep: each trial's worker asks for {worker_cpus:g} CPU (not resources.cpus_per_worker="
+              f"{config.resources.cpus_per_worker:g}) so {concurrent} trials leave one CPU for Ray Data")
+    setup = TrialSetup(sweep_spec(config, manifest.feature_shape, manifest.num_classes),
+                       context.input_output("transfer", "transfer"), dataset,
+                       config.resources.model_copy(update={"cpus_per_worker": worker_cpus}),
+                       context.work.child("trials").uri())
+    experiment = context.output.child(EXPERIMENT)
+    results = run_tune(setup, sweep, concurrent, context.output, verbose=1 if context.progress else 0)
+    rows = trial_rows(results, sweep.max_epochs)
+    errored = [row["trial"] for row in rows if row["status"] == "error"]
+    if errored:
+        raise RuntimeError(f"sweep trials {errored} failed (see {experiment.uri()}); run again to resume them")
+    best = best_trial(rows, sweep.metric)
+    context.output.write_text(trials_csv(rows), TRIALS_CSV)
+    context.output.write_json({"metric": sweep.metric, "max_epochs": sweep.max_epochs, "best": best["trial"],
+                               "trials": rows}, TRIALS_JSON)
+    params = {name: best[name] for name in PARAMETERS if best.get(name) is not None}
+    final = _train_best(context, setup, params)
+    context.output.write_json({"trial": best["trial"], **params}, BEST, "params.json")
+    model = {"location": context.output.location, "bundles": [BEST]}
+    summary = {"trials": len(rows), "finished": sum(row["status"] == "finished" for row in rows),
+               "best_trial": best["trial"], **{f"best_{name}": value for name, value in params.items()},
+               f"best_{sweep.metric}": best[sweep.metric], "swept_val_error": final.get("val_error"),
+               "tensorboard": tensorboard_command(experiment)}
+    return StageResult(outputs={"models": {SWEPT: model}, "trials": context.output.uri(TRIALS_JSON),
+                                "tune": experiment.uri()}, summary=summary)

@@ -1,0 +1,101 @@
+"""kdray/clustering.py: online k-means over covariance columns, subset bounds and overlaps, and the
+per-class re-sharding of the training split (real local Ray)."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from sklearn.metrics import adjusted_rand_score
+from tiny_data import write_blobs
+
+from kdray.clustering import (INDEX_MANIFEST, assign_specialist_subsets, class_file, constrained_assignment,
+                              online_kmeans, plot_covariance, write_class_index)
+from kdray.config import ClusteringConfig
+from kdray.data import read_manifest
+from kdray.storage import Storage
+
+
+def block_covariance(groups, within=0.5, noise=0.0, seed=0):
+    """Classes co-vary only within their group: 1 on the diagonal, `within` inside a group."""
+    groups = np.asarray(groups)
+    covariance = np.where(groups[:, None] == groups[None], within, 0.0)
+    np.fill_diagonal(covariance, 1.0)
+    if noise:
+        e = np.random.default_rng(seed).normal(scale=noise, size=covariance.shape)
+        covariance = covariance + (e + e.T) / 2
+    return covariance
+
+
+def test_kmeans_recovers_planted_groups_exactly():
+    groups = np.arange(24) % 6  # interleaved: class ids say nothing about the groups
+    subsets = assign_specialist_subsets(block_covariance(groups, noise=0.02), ClusteringConfig(num_specialists=6))
+    assert adjusted_rand_score(groups, subsets.assignment) == 1.0
+    assert sorted(map(sorted, subsets.subsets)) == sorted(sorted(np.flatnonzero(groups == g).tolist()) for g in range(6))
+    assert subsets.membership().sum(0).tolist() == [1] * 24  # memberships=1: a partition
+
+
+def test_online_kmeans_is_deterministic_for_a_seed():
+    points = np.random.default_rng(3).normal(size=(40, 5))
+    np.testing.assert_array_equal(online_kmeans(points, 4, seed=7), online_kmeans(points, 4, seed=7))
+
+
+def test_size_bounds_hold_when_the_groups_do_not_fit_them():
+    groups = np.array([0] * 6 + [1] * 3 + [2] * 3)
+    config = ClusteringConfig(num_specialists=3, min_size=4, max_size=4)
+    subsets = assign_specialist_subsets(block_covariance(groups), config)
+    assert sorted(len(s) for s in subsets.subsets) == [4, 4, 4]
+    # The bounds move as few classes as they must: each subset keeps a majority of one group.
+    assert adjusted_rand_score(groups, subsets.assignment) > 0.3
+
+
+def test_constrained_assignment_takes_nearest_without_binding_bounds():
+    distances = np.random.default_rng(0).uniform(size=(30, 5))
+    np.testing.assert_array_equal(constrained_assignment(distances, 1, None), distances.argmin(1))
+    bounded = constrained_assignment(distances, 5, 7)
+    assert np.bincount(bounded, minlength=5).min() >= 5 and np.bincount(bounded).max() <= 7
+
+
+def test_a_class_between_two_groups_joins_both_with_memberships():
+    groups = np.array([0, 0, 0, 1, 1, 1, -1])
+    covariance = block_covariance(groups)
+    covariance[6, :6] = covariance[:6, 6] = 0.35  # class 6 co-varies with both groups alike
+    covariance[6, 6] = 1.0
+    single = assign_specialist_subsets(covariance, ClusteringConfig(num_specialists=2, min_size=3))
+    assert single.membership().sum(0).tolist() == [1] * 7
+    overlapping = assign_specialist_subsets(covariance, ClusteringConfig(num_specialists=2, min_size=3, memberships=2,
+                                                                         overlap_margin=0.5))
+    assert overlapping.membership().sum(0).tolist() == [1] * 6 + [2]
+    assert {(0, 1, 2, 6), (3, 4, 5, 6)} == set(overlapping.subsets)
+
+
+@pytest.mark.parametrize("options, key", [({"num_specialists": 9}, "num_specialists"),
+                                          ({"num_specialists": 3, "min_size": 3}, "min_size"),
+                                          ({"num_specialists": 2, "max_size": 3}, "max_size"),
+                                          ({"num_specialists": 2, "memberships": 3}, "memberships")])
+def test_unmeetable_bounds_name_the_key(options, key):
+    with pytest.raises(ValueError, match=f"clustering.{key}"):
+        assign_specialist_subsets(np.eye(8), ClusteringConfig(**options))
+
+
+def test_covariance_plot_is_a_png():
+    groups = np.arange(8) % 2
+    covariance = block_covariance(groups)
+    png = plot_covariance(covariance, assign_specialist_subsets(covariance, ClusteringConfig(num_specialists=2)), None)
+    assert png.startswith(b"\x89PNG")
+
+
+def test_class_index_reshards_the_training_split_by_class(ray_local, tmp_path):
+    write_blobs(str(tmp_path / "data"), classes=4, rows=(600, 100, 100))
+    manifest = read_manifest(Storage(str(tmp_path / "data")))
+    output = Storage(str(tmp_path / "index"))
+    counts = write_class_index(str(tmp_path / "data"), output)
+    assert sum(counts) == manifest.rows("train") == 600
+    assert output.read_json(INDEX_MANIFEST)["rows"] == counts
+    assert not output.exists("_pieces")
+    ids = []
+    for label in range(4):
+        table = pq.read_table(output.path(class_file(label)))
+        assert set(table.column("y").to_pylist()) == {label} and table.num_rows == counts[label]
+        u = table.column("u").to_numpy()
+        assert np.all(np.diff(u) >= 0)  # sorted by the row hash: a window of u is a run of row groups
+        ids += table.column("id").to_pylist()
+    assert sorted(ids) == list(range(600))  # train ids are the first 600; every one exactly once
