@@ -19,8 +19,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from kdray.config import ConfigError
     from kdray.data.shards import DatasetError
     from kdray.storage import StorageError
+    from kdray.submit import SubmitError
 
-    return (CommandError, ConfigError, DatasetError, StorageError)
+    return (CommandError, ConfigError, DatasetError, StorageError, SubmitError)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -87,6 +88,35 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     _print_outcomes(outcomes)
     _print_sweep(run)
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from kdray.preflight import check_config
+    from kdray.submit import (check_job_config, config_in_working_dir, follow, job_runtime_env, run_entrypoint,
+                              submit_run)
+
+    config = _load(args)  # a bad config fails here, before anything is uploaded
+    check_config(config)
+    check_job_config(config)
+    options = [*(f"--set={pair}" for pair in args.set or []),
+               *([f"--storage-path={args.storage_path}"] if args.storage_path else []),
+               *([f"--run-name={args.run_name}"] if args.run_name else [])]
+    entrypoint = run_entrypoint(args.config and config_in_working_dir(args.config, args.working_dir), options)
+    job = submit_run(args.address, entrypoint, job_runtime_env(args.working_dir, args.pip or []),
+                     config.storage.run_name)
+    print(f"[kdray] submitted job {job.job_id}: {entrypoint}")
+    print(f"[kdray] dashboard: {job.link}")
+    if args.no_wait:
+        print(f"[kdray] follow it with: ray job logs --follow --address {job.dashboard} {job.job_id}")
+        return 0
+    try:
+        info = follow(job)
+    except KeyboardInterrupt:
+        print(f"\n[kdray] stopped following; the job keeps running (ray job stop --address {job.dashboard} "
+              f"{job.job_id} stops it)", file=sys.stderr)
+        return 130
+    print(f"[kdray] job {job.job_id} {info.status}" + (f": {info.message}" if info.message else ""))
+    return 0 if info.status == "SUCCEEDED" else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -294,6 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--run-name", help="the run's directory under the storage path")
     sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local in-process Ray)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    submit = _command(commands, "submit", cmd_submit, "run the pipeline on a Ray cluster as a Ray job: validate the "
+                      "config here, upload the working directory, print the job's dashboard link, follow its logs")
+    _add_config_arguments(submit)
+    submit.add_argument("--address", help="the cluster's dashboard, e.g. http://127.0.0.1:8265 (default: "
+                        "RAY_API_SERVER_ADDRESS, then RAY_ADDRESS, then a Ray started on this machine)")
+    submit.add_argument("--storage-path", help="where the job stores runs: an absolute path on the cluster or a URI")
+    submit.add_argument("--run-name", help="the run's directory under the storage path")
+    submit.add_argument("--working-dir", default=".", help="directory uploaded with the job; CONFIG must be in it "
+                        "(default: the current directory)")
+    submit.add_argument("--pip", action="append", metavar="REQUIREMENT",
+                        help="a requirement Ray pip-installs for the job on each node it uses (repeatable); "
+                        "'${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}' installs the uploaded project with its dependencies, "
+                        "for a cluster whose image lacks them")
+    submit.add_argument("--no-wait", action="store_true", help="return once submitted instead of following the logs")
 
     config = _command(commands, "config", None, "inspect configs")
     config_commands = config.add_subparsers(dest="config_command", required=True, metavar="ACTION")

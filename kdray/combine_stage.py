@@ -32,7 +32,7 @@ import torch
 from kdray.artifacts import ModelSpec, load_bundle, load_spec, save_bundle
 from kdray.combine import combine, select_active_specialists
 from kdray.data import read_manifest, read_split
-from kdray.inference import ModelRef, features, fixed_size_list, map_logits
+from kdray.inference import LogitsPredictor, ModelRef, features, fixed_size_list, map_logits
 from kdray.losses import ensemble_logits
 from kdray.pipeline import StageContext
 from kdray.storage import Storage
@@ -59,9 +59,12 @@ class CombinedModel:
 
 class SpecialistCombiner:
     """Ray Data actor: appends `output_column` = log q [B, C] (and, with diagnostics, the
-    generalist's log-probabilities and the number of active specialists per row)."""
+    generalist's log-probabilities and the number of active specialists per row; with `extra`,
+    more models' logits: column -> ModelRef, so one actor pool serves them all and leaves the
+    CPUs its reads need)."""
 
-    def __init__(self, model: CombinedModel, output_column: str = "logits", diagnostics: bool = False):
+    def __init__(self, model: CombinedModel, output_column: str = "logits", diagnostics: bool = False,
+                 extra: dict[str, ModelRef] | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         generalist = Storage(model.generalist.location)
         self.generalists = [load_bundle(generalist, b, self.device)[0] for b in model.generalist.bundles]
@@ -76,6 +79,7 @@ class SpecialistCombiner:
         for m, classes in enumerate(self.classes):
             self.membership[m, classes] = True
         self.top_n, self.output_column, self.diagnostics = model.top_n, output_column, diagnostics
+        self.extra = {column: LogitsPredictor(ref, column) for column, ref in (extra or {}).items()}
 
     @torch.no_grad()
     def combined(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,14 +88,14 @@ class SpecialistCombiner:
         log_generalist = torch.log_softmax(outputs[0], -1) if len(outputs) == 1 else ensemble_logits(outputs)
         p_g = log_generalist.double().exp()
         active = select_active_specialists(p_g, self.membership, self.top_n)
-        used = torch.flatnonzero(active.any(0))
+        used = active.any(0).nonzero().flatten()
         if used.numel() == 0:
             return log_generalist, log_generalist, active.sum(1)
         batch, num_classes = p_g.shape
         specialist_in = torch.zeros(batch, len(used), num_classes, dtype=torch.float64, device=self.device)
         dustbin = torch.zeros(batch, len(used), dtype=torch.float64, device=self.device)
         for u, m in enumerate(used.tolist()):
-            rows = torch.flatnonzero(active[:, m])
+            rows = active[:, m].nonzero().flatten()
             probs = torch.softmax(self.specialists[m](x[rows]).double(), -1)
             specialist_in[rows[:, None], u, self.classes[m][None, :]] = probs[:, :-1]
             dustbin[rows, u] = probs[:, -1]
@@ -106,17 +110,20 @@ class SpecialistCombiner:
         if self.diagnostics:
             batch = batch.append_column(GENERALIST_COLUMN, fixed_size_list(log_generalist.float().cpu().numpy()))
             batch = batch.append_column(ACTIVE_COLUMN, pa.array(active.cpu().numpy().astype(np.int64)))
+        for column, predictor in self.extra.items():
+            batch = batch.append_column(column, fixed_size_list(predictor.logits(x.cpu().numpy())))
         return batch
 
 
 def map_combined(dataset, model: CombinedModel, output_column: str = "logits", diagnostics: bool = False,
-                 batch_size: int = 2048, concurrency: int = 1, num_gpus: float = 0):
+                 extra: dict[str, ModelRef] | None = None, batch_size: int = 2048, concurrency: int = 1,
+                 num_gpus: float = 0):
     """`dataset` (with an "x" column) plus the combined log-probabilities, lazily, by an actor pool."""
     import ray.data
 
     return dataset.map_batches(
         SpecialistCombiner, fn_constructor_kwargs={"model": model, "output_column": output_column,
-                                                   "diagnostics": diagnostics},
+                                                   "diagnostics": diagnostics, "extra": extra},
         batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=concurrency),
         num_gpus=num_gpus)
 
@@ -186,7 +193,7 @@ def table_counts(labels: np.ndarray, predictions: dict[str, np.ndarray], active:
     for name, predicted in predictions.items():
         correct = predicted == labels
         counts[f"cover_{name}"] = np.bincount(covering, weights=correct, minlength=cover_bins)
-        counts[f"subset_{name}"] = inside @ correct
+        counts[f"subset_{name}"] = inside.astype(np.int64) @ correct.astype(np.int64)
         counts[f"active_{name}"] = np.array([(correct & some_active).sum()])
         counts[f"all_{name}"] = np.array([correct.sum()])
     return {key: value.astype(np.int64) for key, value in counts.items()}
@@ -247,10 +254,9 @@ def write_tables(context: StageContext, models: dict[str, dict], dataset: str, s
     for m, classes in enumerate(subsets):
         membership[m, classes] = True
     rows = read_split(storage, "test", manifest).select_columns(["x", "y"])
-    rows = map_combined(rows, CombinedModel.from_entry(models[COMBINED]), diagnostics=True)
-    if DISTILLED in models:
-        rows = map_logits(rows, ModelRef(models[DISTILLED]["location"], tuple(models[DISTILLED]["bundles"])),
-                          output_column=DISTILLED_COLUMN)
+    extra = {DISTILLED_COLUMN: ModelRef(models[DISTILLED]["location"], tuple(models[DISTILLED]["bundles"]))} \
+        if DISTILLED in models else None
+    rows = map_combined(rows, CombinedModel.from_entry(models[COMBINED]), diagnostics=True, extra=extra)
     reduced = rows.map_batches(_batch_counts, fn_kwargs={"membership": membership, "distilled": DISTILLED in models},
                                batch_format="pyarrow")
     totals: dict[str, np.ndarray] = {}

@@ -139,12 +139,12 @@ def _save(figure, output: Storage, name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------ reading the run
-def model_histories(run: Storage) -> dict[str, list[dict]]:
-    """Per-epoch histories of the run's published single-bundle models, by model name."""
-    from kdray.evaluate import run_manifests, run_models
+def model_histories(manifests: Mapping[str, dict[str, Any]]) -> dict[str, list[dict]]:
+    """Per-epoch histories of the models the stages' manifests publish (single-bundle ones), by name."""
+    from kdray.evaluate import run_models
 
     histories = {}
-    for name, (_, entry) in run_models(run_manifests(run)).items():
+    for name, (_, entry) in run_models(manifests).items():
         bundles = entry.get("bundles") or []
         if len(bundles) == 1 and "location" in entry and Storage(entry["location"]).exists(bundles[0], HISTORY):
             histories[name] = Storage(entry["location"]).read_json(bundles[0], HISTORY)
@@ -244,9 +244,11 @@ figure{margin:1em 0}img{max-width:100%}figcaption{color:#555;font-size:90%}pre{b
 
 
 def write_report(run: Storage, output: Storage | None = None) -> str:
-    """Write the report of the run at `run` into `output` (default RUN/report); returns the page's location."""
-    from kdray.evaluate import RESULTS
+    """Write the report of the run at `run` into `output` (default RUN/report); returns the page's
+    location. RunError if `run` holds no finished stage."""
+    from kdray.evaluate import RESULTS, run_manifests
 
+    manifests = run_manifests(run)
     output = output or run.child(REPORT_DIR)
     output.delete(FIGURES)  # figures of an earlier report that this one may not draw
     title = posixpath.basename(run.location.rstrip("/"))
@@ -256,7 +258,7 @@ def write_report(run: Storage, output: Storage | None = None) -> str:
         sections.append(_results_section(results))
     else:
         sections.append("<h2>Results</h2><p>No results.json: run <code>kdray evaluate RUN_DIR</code>.</p>")
-    histories = model_histories(run)
+    histories = model_histories(manifests)
     if histories:
         path = _save(learning_curves_figure(histories), output, "learning-curves.png")
         sections.append("<h2>Learning curves</h2>\n" + _image(path, "Per epoch, from each model's history.json"))

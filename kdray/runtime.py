@@ -33,7 +33,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, quiet: 
                                "dashboard_host": "127.0.0.1"} if address is None else {}
     if address is None and num_cpus is not None:
         options["num_cpus"] = num_cpus
-    ray.init(address=address, **options)
+    # "local": a new in-process Ray even when a `ray start` cluster runs on this machine (plain
+    # ray.init() would join that one); joining a cluster is what --address/RAY_ADDRESS are for.
+    ray.init(address=address or "local", **options)
     if quiet:
         # Ray Data logs every execution plan at INFO: noise next to kdray's own stage lines.
         logging.getLogger("ray.data").setLevel(logging.WARNING)

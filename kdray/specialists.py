@@ -168,6 +168,26 @@ class SpecialistJob:
         return LossSpec("hard")
 
 
+def epoch_rows(job: SpecialistJob, epoch: int, seed: int = 0):
+    """A specialist's stream for one epoch, as a lazy Ray Dataset of x, y (global labels): every row
+    of its classes and the other classes' rows whose hash u lies in [epoch r, epoch r + r) mod 1."""
+    import ray.data
+    from ray.data.expressions import col
+
+    index = Storage(job.class_index)
+    files = index.read_json(INDEX_MANIFEST)["files"]
+    r = job.rest_fraction
+    rows = ray.data.read_parquet([index.path(name) for name in files.values()], filesystem=index.filesystem,
+                                 shuffle=ray.data.FileShuffleConfig(seed=seed), num_cpus=READ_CPUS)
+    if r < 1:
+        # Pushed down into the Parquet scan: row groups whose u range misses the window are skipped.
+        low = (epoch * r) % 1.0
+        high = low + r
+        window = (col("u") >= low) & (col("u") < high) if high <= 1 else (col("u") >= low) | (col("u") < high - 1)
+        rows = rows.filter(expr=col("y").is_in(list(job.classes)) | window)
+    return rows.select_columns(["x", "y"])
+
+
 class SpecialistTrainer:
     """The body of a specialist actor: `train()` runs (or resumes) its epochs and saves its bundle.
 
@@ -189,27 +209,9 @@ class SpecialistTrainer:
         self.validation = self._validation_rows()
 
     # -------------------------------------------------------------- data
-    def epoch_rows(self, epoch: int):
-        """This epoch's stream as a lazy Ray Dataset of x, y (global labels)."""
-        import ray.data
-        from ray.data.expressions import col
-
-        index = Storage(self.job.class_index)
-        files = index.read_json(INDEX_MANIFEST)["files"]
-        r = self.job.rest_fraction
-        rows = ray.data.read_parquet([index.path(name) for name in files.values()], filesystem=index.filesystem,
-                                     shuffle=ray.data.FileShuffleConfig(seed=self._seed(epoch)),
-                                     ray_remote_args={"num_cpus": READ_CPUS})
-        if r < 1:
-            low = (epoch * r) % 1.0
-            high = low + r
-            window = (col("u") >= low) & (col("u") < high) if high <= 1 else (col("u") >= low) | (col("u") < high - 1)
-            rows = rows.filter(expr=col("y").is_in(list(self.job.classes)) | window)
-        return rows.select_columns(["x", "y"])
-
     def batches(self, epoch: int):
         """Training batches for `train_epoch`: x, local labels y and, with soft targets, t."""
-        rows = self.epoch_rows(epoch)
+        rows = epoch_rows(self.job, epoch, self._seed(epoch))
         for batch in rows.iter_torch_batches(batch_size=self.job.train.batch_size, device=self.device,
                                              dtypes={"x": torch.float32, "y": torch.int64},
                                              local_shuffle_buffer_size=max(SHUFFLE_ROWS, 4 * self.job.train.batch_size),

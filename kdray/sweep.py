@@ -15,13 +15,19 @@ Layout, under the run directory:
 
 ASHA compares trials at the epochs it reaches (``time_attr="epoch"``, the epoch the trial's own loop
 reports), so a trial resumed from a checkpoint keeps its place in the schedule.
+
+Resources: a trial reserves TRIAL_CPUS through Tune and its trainer's single worker a token
+TRIAL_WORKER_CPUS; how many run at once is ``resources.max_concurrent_trials``. When ASHA stops a
+trial, Tune ends the trial's actor and with it the trainer's controller, but not the worker
+placement group (see `release_trial_worker_reservations`, which removes those when Tune is done).
+Trials that reach the budget are not stopped by ASHA (``stop_last_trials=False``): they end on their
+own and release everything.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -38,7 +44,7 @@ TRIALS_CSV, TRIALS_JSON = "trials.csv", "trials.json"
 SWEPT = "student-swept"
 PARAMETERS = ("temperature", "hard_weight", "width")
 TRIAL_CPUS = 0.1  # the trial function only waits on its trainer (shared/RAY.md)
-DATA_CPUS = 1.0  # left free so Ray Data's read tasks (1 CPU each) can feed the trials' trainers
+TRIAL_WORKER_CPUS = 0.001  # logical only: torch in a worker with < 1 CPU runs one thread either way
 COLUMNS = ("trial", *PARAMETERS, "epochs", "val_error", "val_nll", "seconds", "status")
 
 
@@ -76,17 +82,6 @@ def trial_spec(base: FitSpec, params: dict[str, Any]) -> FitSpec:
     return replace(base, model=model, loss=loss)
 
 
-def trial_worker_cpus(cpus_per_worker: float, concurrent_trials: int, cluster_cpus: float) -> float:
-    """CPUs each trial's (single) training worker asks for: `cpus_per_worker`, lowered so that
-    `concurrent_trials` trials and their workers leave DATA_CPUS free for Ray Data's reads; otherwise
-    every trial's trainer waits for a read task that can never be scheduled."""
-    share = (cluster_cpus - DATA_CPUS) / concurrent_trials - TRIAL_CPUS
-    if share <= 0:
-        raise ConfigError(f"invalid config: resources.max_concurrent_trials={concurrent_trials} leaves no CPU for the "
-                          f"trials' workers on {cluster_cpus:g} CPUs; lower it")
-    return min(cpus_per_worker, math.floor(share * 100) / 100)
-
-
 @dataclass(frozen=True)
 class TrialSetup:
     """What every trial needs, as plain values (pickled once into Ray's object store)."""
@@ -98,7 +93,7 @@ class TrialSetup:
     storage: str  # where the trials' TorchTrainer runs keep their checkpoints
 
 
-def _datasets(setup: TrialSetup) -> dict[str, Any]:
+def trial_datasets(setup: TrialSetup) -> dict[str, Any]:
     from kdray.data import read_split
     from kdray.transfer import read_transfer
 
@@ -111,7 +106,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trial = tune.get_context().get_trial_id()
-    fit(trial_spec(setup.base, params), _datasets(setup), setup.resources, setup.storage, f"trial-{trial}",
+    fit(trial_spec(setup.base, params), trial_datasets(setup), setup.resources, setup.storage, f"trial-{trial}",
         callbacks=[TuneReportCallback()], num_workers=1)
 
 
@@ -126,10 +121,21 @@ def run_tune(setup: TrialSetup, sweep: SweepConfig, concurrent_trials: int, stor
              name: str = EXPERIMENT, verbose: int = 0):
     """Run (or restore and finish) the Tune experiment `storage/name`; returns Tune's ResultGrid."""
     from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_CPUS})
+    before = set(trial_worker_reservations())
+    try:
+        return _tuner(trainable, sweep, concurrent_trials, storage, name, verbose).fit()
+    finally:
+        release_trial_worker_reservations(exclude=before)
+
+
+def _tuner(trainable, sweep: SweepConfig, concurrent_trials: int, storage: Storage, name: str,
+           verbose: int):
+    from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"CPU": TRIAL_CPUS})
     if tune.Tuner.can_restore(storage.uri(name)):
         tuner = tune.Tuner.restore(storage.uri(name), trainable=trainable, resume_errored=True)
     else:
@@ -138,11 +144,40 @@ def run_tune(setup: TrialSetup, sweep: SweepConfig, concurrent_trials: int, stor
             param_space=search_space(sweep),
             tune_config=tune.TuneConfig(
                 metric=sweep.metric, mode="min", num_samples=sweep.num_samples,
-                scheduler=ASHAScheduler(time_attr="epoch", max_t=sweep.max_epochs, grace_period=sweep.grace_period),
-                search_alg=BasicVariantGenerator(random_state=sweep.seed),
-                max_concurrent_trials=concurrent_trials, trial_dirname_creator=trial_dirname),
+                scheduler=ASHAScheduler(time_attr="epoch", max_t=sweep.max_epochs, grace_period=sweep.grace_period,
+                                        stop_last_trials=False),
+                # The generator limits concurrency itself: TuneConfig.max_concurrent_trials is
+                # ignored (with a warning) when a search algorithm is given.
+                search_alg=BasicVariantGenerator(max_concurrent=concurrent_trials, random_state=sweep.seed),
+                trial_dirname_creator=trial_dirname),
             run_config=tune.RunConfig(name=name, storage_path=storage.uri(), verbose=verbose))
-    return tuner.fit()
+    return tuner
+
+
+def trial_worker_reservations() -> list[str]:
+    """Ids of live placement groups shaped like a trial's trainer worker: one {CPU: TRIAL_WORKER_CPUS} bundle."""
+    from ray.util import placement_group_table
+
+    return [pg_id for pg_id, info in placement_group_table().items()
+            if info["state"] == "CREATED" and list(info["bundles"].values()) == [{"CPU": TRIAL_WORKER_CPUS}]]
+
+
+def release_trial_worker_reservations(exclude: set[str]) -> None:
+    """Remove the worker reservations that trials stopped by ASHA left behind.
+
+    Tune kills a stopped trial's actor, and with it the trial's TrainController, but the worker
+    group's placement group belongs to the job: Ray Train's detached cleaner removes it only when
+    the State API answers, which fails whenever another Ray instance runs on the machine (it cannot
+    tell which to ask). Left in place, each one keeps a sliver of a CPU, so a later 1-CPU Ray Data
+    task next to a 1-CPU actor never fits on a 2-CPU machine. Called when no trial of this sweep is
+    running; `exclude` holds the reservations that existed before it started.
+    """
+    import ray
+    from ray.util import remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    for pg_id in set(trial_worker_reservations()) - exclude:
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
 
 
 # ------------------------------------------------------------------------------------ the trials table
@@ -218,7 +253,7 @@ def _train_best(context: StageContext, setup: TrialSetup, params: dict[str, Any]
     output = context.output
     if not output.exists(BEST, "model.json"):
         spec = trial_spec(setup.base, params)
-        result = fit(spec, _datasets(setup), context.config.resources, context.work.uri(), BEST)
+        result = fit(spec, trial_datasets(setup), context.config.resources, context.work.uri(), BEST)
         output.write_json(result.history, BEST, "history.json")
         save_bundle(output, BEST, spec.model, result.state_dict)
     model, spec = load_bundle(output, BEST)
@@ -227,8 +262,6 @@ def _train_best(context: StageContext, setup: TrialSetup, params: dict[str, Any]
 
 
 def run_sweep(context: StageContext) -> StageResult:
-    import ray
-
     from kdray.data import read_manifest
 
     config, sweep = context.config, context.config.sweep
@@ -236,13 +269,9 @@ def run_sweep(context: StageContext) -> StageResult:
     dataset = context.input_output("data", "dataset")
     manifest = read_manifest(Storage(dataset))
     concurrent = config.resources.max_concurrent_trials
-    worker_cpus = trial_worker_cpus(config.resources.cpus_per_worker, concurrent, ray.cluster_resources().get("CPU", 0))
-    if worker_cpus < config.resources.cpus_per_worker:
-        print(f"[kdray] sweep: each trial's worker asks for {worker_cpus:g} CPU (not resources.cpus_per_worker="
-              f"{config.resources.cpus_per_worker:g}) so {concurrent} trials leave one CPU for Ray Data")
     setup = TrialSetup(sweep_spec(config, manifest.feature_shape, manifest.num_classes),
                        context.input_output("transfer", "transfer"), dataset,
-                       config.resources.model_copy(update={"cpus_per_worker": worker_cpus}),
+                       config.resources.model_copy(update={"cpus_per_worker": TRIAL_WORKER_CPUS}),
                        context.work.child("trials").uri())
     experiment = context.output.child(EXPERIMENT)
     results = run_tune(setup, sweep, concurrent, context.output, verbose=1 if context.progress else 0)

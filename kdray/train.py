@@ -293,27 +293,47 @@ def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, sto
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    columns = spec.loss.columns()
+    selected = {"train": datasets["train"].select_columns(spec.loss.columns()),
+                "validation": datasets["validation"].select_columns(["x", "y"])}
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec},
         scaling_config=scaling_config(resources, num_workers),
-        datasets={"train": datasets["train"].select_columns(columns),
-                  "validation": datasets["validation"].select_columns(["x", "y"])},
+        datasets=selected,
         # Only training data is split; the validation set streams whole to rank 0 (no split
-        # coordinator, so one actor less to start per run).
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        # coordinator, so one actor less to start per run). Train takes its ingest options from
+        # the driver's global DataContext, not the dataset's own, so the dataset's order-keeping
+        # options (see kdray.data.shards.ordered) are handed over explicitly.
+        dataset_config=DataConfig(datasets_to_split=["train"],
+                                  execution_options={name: ds.context.execution_options
+                                                     for name, ds in selected.items()}),
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              callbacks=callbacks or []),
     )
-    result = trainer.fit()
+    result = _fit_keeping_sigint_handler(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"training run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as directory:
         state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
     return FitResult(state_dict=state["model"], history=state["history"], metrics=dict(result.metrics or {}))
+
+
+def _fit_keeping_sigint_handler(trainer):
+    # TrainController installs a SIGINT handler that holds its actor handle; left in place it
+    # keeps every finished run's controller actor alive (hundreds of MB each) for the driver's
+    # lifetime. Restoring the previous handler drops that handle, and the controller exits.
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
