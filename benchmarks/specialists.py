@@ -63,6 +63,8 @@ def shrink_overrides(args: argparse.Namespace, base: Config) -> list[str]:
     """The size flags as `key=value` overrides of `base`."""
     pairs = []
     synth = base.data.synth
+    if (args.rows or args.classes) and base.data.source != "synth":
+        raise SystemExit(f"--rows and --classes size synthetic data; {args.config} reads {base.data.source!r}")
     if args.rows:
         scale = args.rows / synth.rows
         pairs += [f"data.synth.rows={args.rows}",
