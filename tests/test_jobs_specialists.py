@@ -66,7 +66,8 @@ def test_benchmark_flags_shrink_the_synthetic_job_to_a_valid_config():
     synth = config.data.synth
     assert (synth.rows, synth.classes, synth.groups, config.clustering.num_specialists) == (3000, 16, 4, 4)
     assert synth.test_rows == 100 and synth.validation_rows == 100  # in proportion to the rows
-    assert config.teacher.train.epochs == config.specialists.train.epochs == config.specialists.distill_train.epochs == 1
+    epochs = (config.teacher.train, config.specialists.train, config.specialists.distill_train)
+    assert [train.epochs for train in epochs] == [1, 1, 1]
     assert config.specialists.top_n == 2
     check_clustering_config(config.clustering, synth.classes)
 
