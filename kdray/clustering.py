@@ -4,9 +4,10 @@
    actor pool; its probabilities stream into a `CovarianceAccumulator` batch by batch, giving the
    C x C covariance of the predicted class probabilities (kdray.covariance).
 2. A Ray task runs an online k-means over the covariance's columns (`assign_specialist_subsets`):
-   classes that co-vary (are predicted together) share a cluster. Each column is scaled to unit
-   length first, so a cluster is a set of classes with the same *pattern* of co-variation, whatever
-   each class's own variance. Clusters then respect `min_size`/`max_size`, and with
+   classes that co-vary (are predicted together) share a cluster. Each column keeps only its
+   positive co-variation with the other classes (`column_features`) and is scaled to unit length,
+   so a cluster is a set of classes with the same *pattern* of co-variation, whatever each class's
+   own variance. Clusters then respect `min_size`/`max_size`, and with
    `memberships > 1` a class also joins up to `memberships - 1` further clusters whose centroid is
    within a factor (1 + overlap_margin) of its own centroid's distance: the paper's overlapping
    subsets.
@@ -70,9 +71,21 @@ class ClassSubsets:
 
 
 def column_features(covariance: np.ndarray) -> np.ndarray:
-    """[C, C] covariance -> [C, C] points, one per class: its column scaled to unit L2 norm."""
-    norms = np.linalg.norm(covariance, axis=0)
-    return (covariance / np.where(norms > 0, norms, 1.0)).T
+    """[C, C] covariance -> [C, C] points, one per class: its column's positive co-variation with
+    the other classes, scaled to unit L2 norm.
+
+    Two entries of a column say nothing about which classes are predicted together, and with many
+    classes they swamp the rest: the class's own variance (on the diagonal, a direction no other
+    class shares, so every point is nearly orthogonal to every other) and the negative covariances
+    with classes never predicted alongside it (about -mean_c mean_j, the same small pattern in
+    every column). So negatives become 0 and the diagonal takes the column's largest off-diagonal
+    entry (it keeps its variance when it co-varies positively with no class)."""
+    features = np.clip(covariance, 0.0, None)
+    np.fill_diagonal(features, 0.0)
+    strongest = features.max(axis=0)
+    np.fill_diagonal(features, np.where(strongest > 0, strongest, np.clip(np.diag(covariance), 0.0, None)))
+    norms = np.linalg.norm(features, axis=0)
+    return (features / np.where(norms > 0, norms, 1.0)).T
 
 
 def _squared_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
@@ -81,14 +94,22 @@ def _squared_distances(points: np.ndarray, centroids: np.ndarray) -> np.ndarray:
 
 
 def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k initial centroids [k, D]: each next one drawn with probability proportional to the squared
-    distance to the nearest centroid so far (Arthur & Vassilvitskii)."""
+    """k initial centroids [k, D], greedy k-means++ (Arthur & Vassilvitskii; scikit-learn's default):
+    each next centroid is the best, by the resulting sum of squared distances, of 2 + ln k
+    candidates drawn with probability proportional to the squared distance to the nearest centroid
+    so far. One candidate per step often lands a second seed in an already seeded cluster, which
+    the updates below rarely undo."""
+    trials = 2 + int(np.log(k))
     centroids = [points[rng.integers(len(points))]]
+    nearest = _squared_distances(points, np.asarray(centroids)).min(1)
     for _ in range(1, k):
-        nearest = _squared_distances(points, np.asarray(centroids)).min(1)
         total = nearest.sum()
-        index = rng.choice(len(points), p=nearest / total) if total > 0 else rng.integers(len(points))
-        centroids.append(points[index])
+        candidates = rng.choice(len(points), size=trials, p=nearest / total) if total > 0 \
+            else rng.integers(len(points), size=trials)
+        potentials = np.minimum(nearest[None], _squared_distances(points, points[candidates]).T)  # [trials, N]
+        best = int(potentials.sum(1).argmin())
+        centroids.append(points[candidates[best]])
+        nearest = potentials[best]
     return np.array(centroids)
 
 
@@ -97,17 +118,19 @@ def online_kmeans(points: np.ndarray, k: int, batch_size: int = 8, epochs: int =
     """Centroids [k, D] of points [N, D] by online (mini-batch) k-means, best of `restarts`.
 
     Each restart: k-means++ seeds, then `epochs` shuffled passes in mini-batches of `batch_size`;
-    a point moves its nearest centroid towards it with rate 1 / (points that centroid has seen),
-    so each centroid is the running mean of its points (Sculley 2010). A final step sets each
-    centroid to the mean of the points nearest it. The restart with the least within-cluster sum of
+    a point moves its nearest centroid towards it with rate 1 / (points that centroid has seen in
+    this pass), so each pass makes each centroid the running mean of its points in that pass
+    (Sculley 2010, with the counts restarted every pass: counted over all passes, the rates fall
+    to ~1 / (epochs x cluster size) and the centroids freeze where the first pass left them). A
+    final step sets each centroid to the mean of the points nearest it. The restart with the least within-cluster sum of
     squares wins. Deterministic for `seed`.
     """
     best, best_inertia = None, np.inf
     for restart in range(restarts):
         rng = np.random.default_rng([seed, restart])
         centroids = kmeans_plus_plus(points, k, rng)
-        seen = np.ones(k)
         for _ in range(epochs):
+            seen = np.ones(k)
             order = rng.permutation(len(points))
             for start in range(0, len(points), batch_size):
                 batch = points[order[start:start + batch_size]]

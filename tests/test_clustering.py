@@ -99,3 +99,13 @@ def test_class_index_reshards_the_training_split_by_class(ray_local, tmp_path):
         assert np.all(np.diff(u) >= 0)  # sorted by the row hash: a window of u is a run of row groups
         ids += table.column("id").to_pylist()
     assert sorted(ids) == list(range(600))  # train ids are the first 600; every one exactly once
+
+
+def test_kmeans_recovers_many_weakly_covarying_groups():
+    # 200 classes as a good generalist leaves them: each class's own variance dominates its
+    # column, classes of a group co-vary weakly, and every pair across groups shows the same slight
+    # negative covariance. Unit columns of the raw covariance put 62 classes in one subset here.
+    groups = np.arange(200) % 25
+    covariance = block_covariance(groups, within=0.15, noise=0.02) - 0.01 * (groups[:, None] != groups[None])
+    subsets = assign_specialist_subsets(covariance, ClusteringConfig(num_specialists=25))
+    assert adjusted_rand_score(groups, subsets.assignment) == 1.0
