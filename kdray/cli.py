@@ -305,6 +305,14 @@ def _add_split_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
 
 
+def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
+    """Where the run is stored and which Ray runs it: shared by `run` and `sweep`."""
+    parser.add_argument("--storage-path", help="where runs are stored: a path or URI (s3://, gs://, file://)")
+    parser.add_argument("--run-name", help="the run's directory under the storage path")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local in-process Ray)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kdray", description="Knowledge distillation (Hinton et al. 2015) on Ray.")
     parser.add_argument("--version", action="version", version=f"kdray {__version__}")
@@ -312,18 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = _command(commands, "run", cmd_run, "run the pipeline's stages (skipping those already done)")
     _add_config_arguments(run)
-    run.add_argument("--storage-path", help="where runs are stored: a path or URI (s3://, gs://, file://)")
-    run.add_argument("--run-name", help="the run's directory under the storage path")
-    run.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local in-process Ray)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_pipeline_arguments(run)
 
     sweep = _command(commands, "sweep", cmd_sweep, "tune the student's temperature and hard-target weight "
                      "(and width) with Ray Tune on the cached transfer set; the stages it needs run first")
     _add_config_arguments(sweep)
-    sweep.add_argument("--storage-path", help="where runs are stored: a path or URI (s3://, gs://, file://)")
-    sweep.add_argument("--run-name", help="the run's directory under the storage path")
-    sweep.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local in-process Ray)")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_pipeline_arguments(sweep)
 
     submit = _command(commands, "submit", cmd_submit, "run the pipeline on a Ray cluster as a Ray job: validate the "
                       "config here, upload the working directory, print the job's dashboard link, follow its logs")
