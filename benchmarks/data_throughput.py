@@ -50,8 +50,9 @@ def in_memory_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: i
 
 def streamed_batches(dataset, batch_size: int, seed: int):
     """What kdray's training loop does: ordered streaming plus its windowed shuffle."""
-    batches = dataset.iter_torch_batches(batch_size=batch_size, dtypes={"x": torch.float32, "y": torch.int64})
-    for batch in shuffle_window(batches, SHUFFLE_BUFFER_BATCHES, torch.Generator().manual_seed(seed)):
+    windows = dataset.iter_torch_batches(batch_size=batch_size * SHUFFLE_BUFFER_BATCHES,
+                                         dtypes={"x": torch.float32, "y": torch.int64})
+    for batch in shuffle_window(windows, batch_size, torch.Generator().manual_seed(seed)):
         yield batch["x"], batch["y"]
 
 

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import torch
 
 from kdray.artifacts import load_bundle, load_spec
-from kdray.data.shards import DatasetError, DatasetManifest, read_manifest
+from kdray.data.shards import DatasetError, DatasetManifest, read_manifest, read_parquet
 from kdray.inference import ModelRef, features, fixed_size_list
 from kdray.losses import ensemble_logits
 from kdray.metrics import N_BINS, ClassificationStats, ensemble_gain_kept, gap_recovered
@@ -126,14 +126,12 @@ def tagged_splits(storage: Storage, splits: Sequence[str], manifest: DatasetMani
     One read over all the splits' shards (each row's file tells its split), rather than a union of
     `read_split`s: every extra read operator costs worker start-ups that dominate on small data.
     """
-    import ray.data
-
     for split in splits:
         if not manifest.split_shards(split):
             raise DatasetError(f"{storage.uri()} has no shards for split {split!r}")
     shards = [shard for shard in manifest.shards if shard.split in splits]
     paths = [storage.path(shard.file) for shard in shards]
-    rows = ray.data.read_parquet(paths, filesystem=storage.filesystem, schema=manifest.schema, include_paths=True)
+    rows = read_parquet(paths, storage.filesystem, schema=manifest.schema, include_paths=True)
     split_of_file = [list(splits).index(shard.split) for shard in shards]
     return rows.map_batches(_tag_split, fn_kwargs={"paths": paths, "split_of_file": split_of_file},
                             batch_format="pyarrow")

@@ -24,7 +24,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from kdray.data.shards import MANIFEST as DATASET_MANIFEST
-from kdray.data.shards import DatasetError, read_manifest
+from kdray.data.shards import DatasetError, read_manifest, read_parquet
 from kdray.evaluate import RunError, check_compatible, combiner, model_ref, run_manifests, run_models
 from kdray.inference import features, fixed_size_list, map_logits
 from kdray.metrics import log_softmax
@@ -73,12 +73,10 @@ def find_model(run: Storage, manifests: dict, model: str) -> tuple[str, dict]:
 
 def prediction_rows(data: Storage):
     """(lazy Dataset of `id`, `x`; the feature width D) for a kdray dataset or a Parquet directory."""
-    import ray.data
-
     if data.exists(DATASET_MANIFEST):
         manifest = read_manifest(data)
         paths = [data.path(shard.file) for shard in manifest.shards]
-        rows = ray.data.read_parquet(paths, filesystem=data.filesystem, schema=manifest.schema)
+        rows = read_parquet(paths, data.filesystem, schema=manifest.schema)
         return rows.select_columns(["id", "x"]), manifest.feature_dim
     files = _parquet_files(data)
     if not files:
@@ -91,7 +89,7 @@ def prediction_rows(data: Storage):
     if x_type is None or not (pa.types.is_fixed_size_list(x_type) and x_type.value_type == pa.float32()):
         raise DatasetError(f"{data.location}: Parquet files need an 'x' column of fixed_size_list<float32> "
                            f"(the flattened features), got {x_type}")
-    rows = ray.data.read_parquet(files, filesystem=data.filesystem)
+    rows = read_parquet(files, data.filesystem)
     return rows.select_columns(["id", "x"]), x_type.list_size
 
 

@@ -50,6 +50,7 @@ from torch import nn
 from kdray.artifacts import BiasedLogits, ModelSpec, load_bundle, load_spec, save_bundle
 from kdray.clustering import CLASS_INDEX, INDEX_MANIFEST, SUBSETS
 from kdray.config import Config, ResourcesConfig, TrainConfig
+from kdray.data.shards import read_parquet
 from kdray.inference import ModelRef
 from kdray.losses import MIN_LOG_MASS, ensemble_logits
 from kdray.models import replace_head
@@ -177,7 +178,7 @@ def epoch_rows(job: SpecialistJob, epoch: int, seed: int = 0):
     index = Storage(job.class_index)
     files = index.read_json(INDEX_MANIFEST)["files"]
     r = job.rest_fraction
-    rows = ray.data.read_parquet([index.path(name) for name in files.values()], filesystem=index.filesystem,
+    rows = read_parquet([index.path(name) for name in files.values()], index.filesystem,
                                  shuffle=ray.data.FileShuffleConfig(seed=seed), num_cpus=READ_CPUS)
     if r < 1:
         # Pushed down into the Parquet scan: row groups whose u range misses the window are skipped.

@@ -145,30 +145,21 @@ def validation_metrics(totals: torch.Tensor) -> dict[str, float]:
     return {"val_error": float(totals[1]) / rows, "val_nll": float(totals[2]) / rows}
 
 
-def shuffle_window(batches, window: int, generator: torch.Generator):
-    """Shuffle rows within consecutive windows of `window` batches, re-batched to the same size.
+def shuffle_window(windows, batch_size: int, generator: torch.Generator):
+    """Split each window of rows (a dict of column tensors, SHUFFLE_BUFFER_BATCHES batches long)
+    into batches of `batch_size` rows drawn in a random order.
 
     Ray Data's own local shuffle buffer depends on how rows happen to be cut into blocks, which
     varies from run to run; this one depends only on the (ordered) row stream and the generator,
-    so a resumed epoch sees exactly the batches the interrupted one would have.
+    so a resumed epoch sees exactly the batches the interrupted one would have. Fetching whole
+    windows from Ray Data (rather than batches to be concatenated) also divides its per-batch
+    overhead by the window length.
     """
-    pending: list[dict[str, torch.Tensor]] = []
-    for batch in batches:
-        pending.append(batch)
-        if len(pending) == window:
-            yield from _shuffled(pending, generator)
-            pending = []
-    if pending:
-        yield from _shuffled(pending, generator)
-
-
-def _shuffled(pending: list[dict[str, torch.Tensor]], generator: torch.Generator):
-    size = len(pending[0]["x"])
-    merged = {name: torch.cat([batch[name] for batch in pending]) for name in pending[0]}
-    order = torch.randperm(len(merged["x"]), generator=generator, device=generator.device)
-    for start in range(0, len(order), size):
-        index = order[start:start + size]
-        yield {name: column[index] for name, column in merged.items()}
+    for window in windows:
+        order = torch.randperm(len(window["x"]), generator=generator, device=generator.device)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            yield {name: column[index] for name, column in window.items()}
 
 
 # ------------------------------------------------------------------------------------ the worker
@@ -208,6 +199,11 @@ def _maybe_fail(spec: FitSpec, epoch: int, rank: int, resumed: bool, batch_index
     # Fault injection for tests: the first attempt's rank 0 dies abruptly in the middle of the
     # epoch, as a preempted or OOM-killed worker would. A resumed attempt never fails again.
     if spec.fail_at_epoch == epoch and rank == 0 and not resumed and batch_index == 1:
+        # The controller collects reports (and so commits checkpoints) when it polls the workers,
+        # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default); a worker dying sooner after its
+        # report loses that checkpoint. Wait out two polls so the fault tests resume from the
+        # previous epoch's checkpoint, deterministically, however fast the epochs run.
+        time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 0.5)
         os._exit(17)
 
 
@@ -235,9 +231,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start, spec.train.epochs):
         _seed_epoch(spec.train.seed, epoch, rank)
         started = time.perf_counter()
-        batches = train_shard.iter_torch_batches(batch_size=spec.train.batch_size, device=device, dtypes=dtypes)
+        windows = train_shard.iter_torch_batches(batch_size=spec.train.batch_size * SHUFFLE_BUFFER_BATCHES,
+                                                 device=device, dtypes=dtypes)
         generator = torch.Generator(device=device).manual_seed(spec.train.seed * 1000 + epoch)
-        batches = _with_fault(shuffle_window(batches, SHUFFLE_BUFFER_BATCHES, generator), spec, epoch, rank, resumed)
+        batches = _with_fault(shuffle_window(windows, spec.train.batch_size, generator), spec, epoch, rank, resumed)
         metrics = train_epoch(model, optimizer, batches, spec.loss, spec.train, spec.model.num_outputs)
         schedule.step()
         seconds = time.perf_counter() - started
@@ -295,16 +292,18 @@ def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, sto
 
     selected = {"train": datasets["train"].select_columns(spec.loss.columns()),
                 "validation": datasets["validation"].select_columns(["x", "y"])}
+    scaling = scaling_config(resources, num_workers)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec},
-        scaling_config=scaling_config(resources, num_workers),
+        scaling_config=scaling,
         datasets=selected,
-        # Only training data is split; the validation set streams whole to rank 0 (no split
-        # coordinator, so one actor less to start per run). Train takes its ingest options from
-        # the driver's global DataContext, not the dataset's own, so the dataset's order-keeping
+        # Only training data is split, and only between several workers: a split needs a
+        # coordinator actor, whose start-up costs seconds per run on a small machine; the
+        # validation set streams whole to rank 0. Train takes its ingest options from the
+        # driver's global DataContext, not the dataset's own, so the dataset's order-keeping
         # options (see kdray.data.shards.ordered) are handed over explicitly.
-        dataset_config=DataConfig(datasets_to_split=["train"],
+        dataset_config=DataConfig(datasets_to_split=["train"] if scaling.num_workers > 1 else [],
                                   execution_options={name: ds.context.execution_options
                                                      for name, ds in selected.items()}),
         run_config=RunConfig(name=name, storage_path=storage_path,

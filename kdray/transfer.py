@@ -15,7 +15,7 @@ import pyarrow.dataset as pads
 
 from kdray.config import TransferConfig
 from kdray.data import read_manifest, read_split, sample_rows
-from kdray.data.shards import ordered
+from kdray.data.shards import ordered, read_parquet
 from kdray.inference import ModelRef, features, fixed_size_list, map_logits
 from kdray.losses import topk_logits
 from kdray.pipeline import StageContext, StageResult
@@ -81,7 +81,5 @@ def run_transfer(context: StageContext) -> StageResult:
 
 def read_transfer(location: str):
     """The cached transfer shards as a streamed Ray Dataset."""
-    import ray.data
-
     storage = Storage(location)
-    return ordered(ray.data.read_parquet(storage.path(), filesystem=storage.filesystem))
+    return ordered(read_parquet(storage.path(), storage.filesystem))

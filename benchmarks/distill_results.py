@@ -1,0 +1,81 @@
+"""The paper's distillation figures from finished runs, next to the paper's own numbers.
+
+    kdray run jobs/fashion_mnist.yaml && kdray run jobs/ensemble.yaml && kdray run jobs/small_data.yaml
+    python benchmarks/distill_results.py RUN_DIR [RUN_DIR ...] [--json PATH]
+
+RUN_DIR is a run directory (STORAGE_PATH/RUN_NAME, a path or URI). Every figure is read from the
+run's `results.json` (written by the evaluate stage, all models measured on the same test split in
+one run), so this script trains nothing. Per run it prints each model's test error and the derived
+figures that apply:
+- gap recovered: (baseline - student) / (baseline - teacher) in test errors
+  (paper, MNIST: (146 - 74) / (146 - 67) = 91%; issue target >= 0.9);
+- ensemble gain kept: (student - mean member) / (ensemble - mean member) in test accuracy
+  (paper, speech: 86%; target >= 0.9);
+- for a run whose transfer set is a fraction of the training rows (jobs/small_data.yaml): the test
+  accuracy of hard labels vs soft targets on that fraction, next to the full-data teacher
+  (paper, speech, 3% of the data: 44.5% hard vs 57.0% soft vs 58.9% full data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from kdray.storage import Storage
+
+RESULTS = "results.json"
+PAPER = {"gap_recovered": 0.91, "ensemble_gain_kept": 0.86}
+TARGET = {"gap_recovered": 0.9, "ensemble_gain_kept": 0.9}
+PAPER_SMALL_DATA = {"hard (3%)": 0.445, "soft (3%)": 0.570, "full data": 0.589}
+
+
+def run_figures(run: Storage) -> dict[str, Any]:
+    """One run's model errors and derived figures, from its results.json and config."""
+    if not run.exists(RESULTS):
+        raise SystemExit(f"{run.uri(RESULTS)} does not exist: run `kdray run` (or `kdray evaluate`) on it first")
+    results = run.read_json(RESULTS)
+    test = {name: model["test"] for name, model in results["models"].items()}
+    figures: dict[str, Any] = {
+        "run": run.location,
+        "test_error": {name: metrics["error_rate"] for name, metrics in sorted(test.items())},
+        "derived": results["derived"],
+    }
+    fraction = run.read_json("transfer", "manifest.json")["summary"].get("fraction", 1.0)
+    if fraction < 1.0 and {"baseline", "student", "teacher"} <= test.keys():
+        figures["small_data"] = {"fraction": fraction, f"hard ({fraction:.0%})": test["baseline"]["accuracy"],
+                                 f"soft ({fraction:.0%})": test["student"]["accuracy"],
+                                 "full data (teacher)": test["teacher"]["accuracy"]}
+    return figures
+
+
+def print_figures(figures: dict[str, Any]) -> None:
+    print(f"\n{figures['run']}")
+    for name, error in figures["test_error"].items():
+        print(f"  {name:<24} test error {100 * error:6.2f} %")
+    for name, value in figures["derived"].items():
+        shown = "n/a" if value is None else f"{value:.3f}"
+        print(f"  {name:<24} {shown:>8}   (paper {PAPER[name]:.2f}, target >= {TARGET[name]:.2f})")
+    if "small_data" in figures:
+        paper = ", ".join(f"{k} {v:.1%}" for k, v in PAPER_SMALL_DATA.items())
+        measured = ", ".join(f"{k} {v:.1%}" for k, v in figures["small_data"].items() if k != "fraction")
+        print(f"  test accuracy: {measured}\n  (paper, speech: {paper})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (paths or URIs)")
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    args = parser.parse_args(argv)
+    figures = [run_figures(Storage(location)) for location in args.runs]
+    for one in figures:
+        print_figures(one)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
