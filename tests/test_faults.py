@@ -1,0 +1,107 @@
+"""The driver of `kdray run` SIGKILLed inside a stage and between stages (issue 6), as real processes.
+
+One sequence on one run directory (kdray.faults.kill_inside_and_between): run 1 is killed inside the
+teacher stage once its training run has checkpointed an epoch; run 2 is killed as soon as the
+transfer stage's manifest is written; run 3 finishes. Each re-run must skip the stages that had
+finished, resume the interrupted one from its checkpoint, and the finished run must equal an
+uninterrupted one with the same config and seed (run here, in-process, on the session's Ray). The
+killed drivers' local Rays must go with them. The other faults have their own tests: a killed Ray
+Train worker (test_train), a killed specialist actor (test_specialists), a truncated or corrupt
+shard (test_shards), an unwritable storage path (test_cli).
+"""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from tiny_data import write_blobs
+
+from kdray.config import load_config
+from kdray.evaluate import RESULTS
+from kdray.faults import (SELF_EXITING, differences, kill_inside_and_between, stage_lines,
+                          weight_differences, without_timing)
+from kdray.pipeline import run_pipeline
+from kdray.stages import pipeline_stages
+from kdray.storage import Storage
+
+TEACHER_EPOCHS = 3  # killed once an epoch's checkpoint is registered: a later one is interrupted
+FINISHED_FIRST = ("data", "teacher", "transfer")  # finished before the second kill
+
+
+def _config(data: str) -> dict:
+    train = {"batch_size": 64, "lr": 0.01}
+    return {
+        "data": {"source": "parquet", "path": data},
+        "teacher": {"model": {"name": "mlp", "hidden": [32]}, "train": {**train, "epochs": TEACHER_EPOCHS}},
+        "distill": {"student": {"name": "mlp", "hidden": [8]}, "train": {**train, "epochs": 1},
+                    "temperature": 2.0, "baseline": False},
+        # local_num_cpus: each killed run's own local Ray takes 2 CPUs, like the session's.
+        "resources": {"cpus_per_worker": 0.5, "local_num_cpus": 2},
+    }
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    write_blobs(str(root / "data"))
+    config = root / "config.yaml"
+    config.write_text(yaml.safe_dump(_config(str(root / "data"))))
+    storage = str(root / "runs")
+    sequence = kill_inside_and_between(str(config), storage, "killed", root, timeout=600)
+    clean = load_config(str(config), {"storage": {"storage_path": storage, "run_name": "clean"}})
+    run_pipeline(pipeline_stages(), clean, Storage(storage).child("clean"), progress=False, log=lambda _: None)
+    return sequence, Storage(storage).child("killed"), Storage(storage).child("clean")
+
+
+def _context(kill) -> str:
+    return f"killed at {kill.point} after {kill.seconds}s; its output:\n{kill.output[-4000:]}"
+
+
+def test_each_kill_landed_where_it_was_meant_to(runs):
+    sequence, _, _ = runs
+    inside, between = sequence.kills
+    assert "teacher" not in inside.manifests, _context(inside)  # the teacher stage had not finished
+    assert 1 <= len(inside.restorable) < TEACHER_EPOCHS, _context(inside)  # nor its training
+    assert set(FINISHED_FIRST) <= set(between.manifests) and "student" not in between.manifests, _context(between)
+
+
+def test_the_killed_drivers_ray_goes_with_it(runs):
+    # GCS, raylet, dashboard and running workers fate-share with the driver (in seconds); only the
+    # raylet's agents and a worker caught starting up linger (they exit by themselves up to a
+    # minute later); the helper kills those.
+    sequence, _, _ = runs
+    for kill in sequence.kills:
+        assert len(kill.report.session) > 5, kill.report  # it did have a local Ray to lose
+        assert set(kill.report.lingering.values()) <= SELF_EXITING, (kill.report, _context(kill))
+
+
+def test_a_rerun_skips_finished_stages_and_resumes_the_interrupted_one(runs):
+    sequence, killed, _ = runs
+    inside, between = sequence.kills
+    assert stage_lines(between.output)["data"] == "up to date", _context(between)
+    assert stage_lines(between.output)["teacher"] == "done", _context(between)
+    said = stage_lines(sequence.output)
+    assert said == {
+        **{stage: "up to date" for stage in FINISHED_FIRST}, "student": "done", "evaluate": "done",
+        "report": "done"}, sequence.output
+    # Skipped stages' manifests are untouched: the data stage's since run 1, the others' since run 2.
+    assert sequence.manifests["data"] == inside.manifests["data"] == between.manifests["data"]
+    for stage in FINISHED_FIRST:
+        assert sequence.manifests[stage] == between.manifests[stage], stage
+    # The teacher trained every epoch exactly once: what its checkpoint held when run 1 died was
+    # restored (the epoch's own timing kept), only the epochs after it were trained by run 2.
+    history = killed.read_json("teacher", "member-00", "history.json")
+    assert [entry["epoch"] for entry in history] == list(range(1, TEACHER_EPOCHS + 1))
+    assert history[:len(inside.restorable)] == inside.restorable, _context(inside)
+    # A finished stage drops its scratch (transfer's may remain if run 2 died just after its manifest).
+    scratch = killed.list("_work") if killed.exists("_work") else []
+    assert not [name for name in scratch if not name.startswith("transfer-")], scratch
+
+
+def test_the_finished_run_equals_an_uninterrupted_one(runs):
+    _, killed, clean = runs
+    for stage, bundle in (("teacher", "member-00"), ("student", "student")):
+        assert weight_differences(killed.child(stage), clean.child(stage), bundle) == [], f"{stage}/{bundle}"
+        histories = [without_timing(run.read_json(stage, bundle, "history.json")) for run in (killed, clean)]
+        assert differences(*histories, f"{stage}/{bundle}") == []
+    assert differences(killed.read_json(RESULTS)["models"], clean.read_json(RESULTS)["models"], "models") == []
