@@ -74,7 +74,8 @@ def bench_config(rows: int, epochs: int, cpus: int) -> dict:
         # Enabled only for the specialist fault (in this process), so `kdray run` skips them.
         "clustering": {"num_specialists": 4, "min_size": 2, "max_size": 2},
         "specialists": {"train": {"epochs": 2, "batch_size": 64, "lr": 0.003}},
-        "resources": {"cpus_per_worker": 0.5, "local_num_cpus": cpus},
+        # Every epoch streams (as data too big to cache would): the driver kill lands mid-stage.
+        "resources": {"cpus_per_worker": 0.5, "local_num_cpus": cpus, "epoch_cache_mb": 0},
     }
 
 

@@ -203,6 +203,10 @@ class ResourcesConfig(Section):
     specialist_gpus: NonNegativeFloat = 0.25
     max_concurrent_trials: PositiveInt = 2
     max_failures: NonNegativeInt = 2
+    # A training worker keeps its shard of the training split (and rank 0 the validation split) in
+    # memory after the first epoch when it fits in this many MiB, and skips streaming it again;
+    # 0 streams every epoch. Counted per worker, on its device.
+    epoch_cache_mb: NonNegativeInt = 1024
     local_num_cpus: PositiveInt | None = None  # logical CPUs for an in-process local Ray
 
 

@@ -14,8 +14,8 @@ import math
 import os
 import tempfile
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ class FitSpec:
     loss: LossSpec = LossSpec()
     fail_at_epoch: int | None = None  # fault injection: kill rank 0 once, mid-epoch, in this epoch
     init_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+    cache_bytes: int = 0  # keep the epoch's data in memory when it fits (ResourcesConfig.epoch_cache_mb)
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -162,6 +163,42 @@ def shuffle_window(windows, batch_size: int, generator: torch.Generator):
             yield {name: column[index] for name, column in window.items()}
 
 
+class EpochCache:
+    """An epoch's stream of tensor batches, kept after the first complete pass if it fits in
+    `budget` bytes, and replayed instead of streaming the data again.
+
+    kdray's shards stream in a fixed order (see kdray.data.shards.ordered), so the kept batches
+    are exactly what streaming again would yield: cached and streamed epochs train identically
+    (a resumed run still equals an uninterrupted one); only Ray Data's per-batch cost is gone,
+    which dominates for small models. A pass that stops early (a fault) or outgrows the budget
+    keeps nothing, and a dataset bigger than the budget streams every epoch.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.batches: list[dict[str, torch.Tensor]] | None = None
+
+    def epoch(self, stream: Callable[[], Iterable[dict[str, torch.Tensor]]]) -> Iterable[dict[str, torch.Tensor]]:
+        """The epoch's batches: replayed when cached, else `stream()` (recorded while it fits)."""
+        if self.batches is not None:
+            return iter(self.batches)
+        return self._record(stream()) if self.budget > 0 else stream()
+
+    def _record(self, batches: Iterable[dict[str, torch.Tensor]]):
+        kept: list | None = []
+        size = 0
+        for batch in batches:
+            if kept is not None:
+                size += sum(tensor.numel() * tensor.element_size() for tensor in batch.values())
+                if size <= self.budget:
+                    kept.append(batch)
+                else:
+                    kept = None  # too big: this dataset streams every epoch
+            yield batch
+        if kept is not None:  # reached only when the whole pass was consumed
+            self.batches = kept
+
+
 # ------------------------------------------------------------------------------------ the worker
 def _seed_epoch(seed: int, epoch: int, rank: int) -> None:
     # Reseeding from (seed, epoch, rank) instead of carrying RNG state makes a resumed epoch
@@ -228,19 +265,23 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     validation_shard = ray.train.get_dataset_shard("validation")
     dtypes = {"x": torch.float32, "y": torch.int64, "t": torch.float32, "t_values": torch.float32,
               "t_indices": torch.int64, "t_rest": torch.float32}
+    # Each cache holds its dataset once; together they stay within the configured budget. DDP
+    # workers get equal row counts (streaming_split(equal=True)), so all of them cache, or none:
+    # one still streaming would wait at the split's epoch barrier for the others.
+    train_cache, validation_cache = EpochCache(spec.cache_bytes // 2), EpochCache(spec.cache_bytes // 2)
     for epoch in range(start, spec.train.epochs):
         _seed_epoch(spec.train.seed, epoch, rank)
         started = time.perf_counter()
-        windows = train_shard.iter_torch_batches(batch_size=spec.train.batch_size * SHUFFLE_BUFFER_BATCHES,
-                                                 device=device, dtypes=dtypes)
+        windows = train_cache.epoch(lambda: train_shard.iter_torch_batches(
+            batch_size=spec.train.batch_size * SHUFFLE_BUFFER_BATCHES, device=device, dtypes=dtypes))
         generator = torch.Generator(device=device).manual_seed(spec.train.seed * 1000 + epoch)
         batches = _with_fault(shuffle_window(windows, spec.train.batch_size, generator), spec, epoch, rank, resumed)
         metrics = train_epoch(model, optimizer, batches, spec.loss, spec.train, spec.model.num_outputs)
         schedule.step()
         seconds = time.perf_counter() - started
         if rank == 0:  # the validation set is not split: rank 0 sees all of it
-            totals = evaluate_batches(model, validation_shard.iter_torch_batches(
-                batch_size=1024, device=device, dtypes={"x": torch.float32, "y": torch.int64}))
+            totals = evaluate_batches(model, validation_cache.epoch(lambda: validation_shard.iter_torch_batches(
+                batch_size=1024, device=device, dtypes={"x": torch.float32, "y": torch.int64})))
             metrics.update(validation_metrics(totals))
         metrics.update(epoch=epoch + 1, seconds=seconds,
                        rows_per_second=metrics["rows"] / max(seconds, 1e-9), lr=schedule.get_last_lr()[0])
@@ -290,6 +331,7 @@ def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, sto
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
+    spec = replace(spec, cache_bytes=resources.epoch_cache_mb * 2**20)
     selected = {"train": datasets["train"].select_columns(spec.loss.columns()),
                 "validation": datasets["validation"].select_columns(["x", "y"])}
     scaling = scaling_config(resources, num_workers)

@@ -36,7 +36,9 @@ def _config(data: str) -> dict:
         "distill": {"student": {"name": "mlp", "hidden": [8]}, "train": {**train, "epochs": 1},
                     "temperature": 2.0, "baseline": False},
         # local_num_cpus: each killed run's own local Ray takes 2 CPUs, like the session's.
-        "resources": {"cpus_per_worker": 0.5, "local_num_cpus": 2},
+        # epoch_cache_mb 0: every epoch streams, as on data too big to cache, so the teacher's
+        # epochs take long enough for the first kill to land between two of their checkpoints.
+        "resources": {"cpus_per_worker": 0.5, "local_num_cpus": 2, "epoch_cache_mb": 0},
     }
 
 

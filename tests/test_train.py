@@ -10,7 +10,7 @@ from kdray.artifacts import ModelSpec
 from kdray.config import ResourcesConfig, TrainConfig
 from kdray.data.shards import read_split
 from kdray.storage import Storage
-from kdray.train import FitSpec, LossSpec, fit, shuffle_window
+from kdray.train import EpochCache, FitSpec, LossSpec, fit, shuffle_window
 
 SPEC = FitSpec(ModelSpec("mlp", {"hidden": [16], "dropout": 0.2}, (6,), 4),
                TrainConfig(epochs=3, batch_size=64, lr=0.01), LossSpec("hard"))
@@ -64,3 +64,31 @@ def test_shuffle_window_permutes_within_windows_reproducibly():
     assert sorted(first[4]["x"].tolist()) == [16, 17, 18, 19]
     assert all(torch.equal(b["y"], b["x"] * 10) for b in first)  # columns stay aligned
     assert torch.cat([b["x"] for b in first]).tolist() != list(range(20))
+
+
+def _counted_stream(calls: list[int], rows: int = 4):
+    def stream():
+        calls.append(1)
+        return iter([{"x": torch.arange(i * rows, i * rows + rows, dtype=torch.float32)} for i in range(3)])
+    return stream
+
+
+def test_epoch_cache_replays_a_whole_pass_that_fits_and_streams_otherwise():
+    calls: list[int] = []
+    cache = EpochCache(budget=3 * 4 * 4)  # exactly three batches of four float32
+    first = [b["x"].tolist() for b in cache.epoch(_counted_stream(calls))]
+    second = [b["x"].tolist() for b in cache.epoch(_counted_stream(calls))]
+    assert first == second and len(calls) == 1  # replayed, not streamed again
+
+    calls.clear()
+    too_small = EpochCache(budget=3 * 4 * 4 - 1)
+    for _ in range(2):
+        assert len(list(too_small.epoch(_counted_stream(calls)))) == 3
+    assert len(calls) == 2 and too_small.batches is None
+
+    calls.clear()
+    interrupted = EpochCache(budget=10**6)
+    next(iter(interrupted.epoch(_counted_stream(calls))))  # a pass that stops early keeps nothing
+    assert interrupted.batches is None
+    assert len(list(interrupted.epoch(_counted_stream(calls)))) == 3 and interrupted.batches is not None
+    assert len(list(EpochCache(budget=0).epoch(_counted_stream(calls)))) == 3  # 0: always stream
