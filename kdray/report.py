@@ -22,7 +22,7 @@ import html
 import io
 import math
 import posixpath
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -45,26 +45,30 @@ LABELS = {"temperature": "temperature T", "hard_weight": "hard-target weight", "
 
 # ------------------------------------------------------------------------------------ pure tables
 def heatmap_matrix(trials: Sequence[Mapping[str, Any]], rows: str, columns: str, value: str = "val_error",
-                   reduce: Callable[[Sequence[float]], float] = min) -> tuple[list, list, np.ndarray]:
-    """The matrix a heatmap plots: `reduce` (default the lowest) of `value` over the trials at each
-    (rows, columns) parameter pair, i.e. the best any setting of the other parameters reached.
+                   select_by: str | None = None) -> tuple[list, list, np.ndarray]:
+    """The matrix a heatmap plots: at each (rows, columns) parameter pair, `value` of the trial with
+    the lowest `select_by` (default `value` itself) over the other parameters, i.e. what the best
+    setting of the others reached. Selecting by validation error and showing test error keeps the
+    test set out of every choice.
 
-    `trials`: rows of the sweep's trials table (dicts with the parameter names, `value` and
-    `status`); errored trials and trials without `value` or either parameter are left out.
-    Returns (row values ascending [R], column values ascending [K], matrix [R, K]) with NaN where
-    no trial ran.
+    `trials`: rows of the sweep's trials table (dicts with the parameter names, `value`,
+    `select_by` and `status`); errored trials and trials missing a figure or either parameter are
+    left out. Returns (row values ascending [R], column values ascending [K], matrix [R, K]) with
+    NaN where no trial ran.
     """
-    cells: dict[tuple, list[float]] = {}
+    select_by = select_by or value
+    best: dict[tuple, Mapping[str, Any]] = {}
     for trial in trials:
         key = (trial.get(rows), trial.get(columns))
-        if trial.get("status") == "error" or trial.get(value) is None or None in key:
+        if trial.get("status") == "error" or None in (trial.get(value), trial.get(select_by), *key):
             continue
-        cells.setdefault(key, []).append(float(trial[value]))
-    row_values = sorted({key[0] for key in cells})
-    column_values = sorted({key[1] for key in cells})
+        if key not in best or trial[select_by] < best[key][select_by]:
+            best[key] = trial
+    row_values = sorted({key[0] for key in best})
+    column_values = sorted({key[1] for key in best})
     matrix = np.full((len(row_values), len(column_values)), np.nan)
-    for (row, column), values in cells.items():
-        matrix[row_values.index(row), column_values.index(column)] = reduce(values)
+    for (row, column), trial in best.items():
+        matrix[row_values.index(row), column_values.index(column)] = float(trial[value])
     return row_values, column_values, matrix
 
 
@@ -117,7 +121,8 @@ def confusion_figure(models: Mapping[str, np.ndarray], class_names: Sequence[str
     return figure
 
 
-def heatmap_figure(row_values: list, column_values: list, matrix: np.ndarray, rows: str, columns: str, title: str):
+def heatmap_figure(row_values: list, column_values: list, matrix: np.ndarray, rows: str, columns: str, title: str,
+                   value_label: str = "validation error %"):
     figure = _figure(1.2 + 0.9 * len(column_values), 1.4 + 0.6 * len(row_values))
     axes = figure.subplots()
     image = axes.imshow(np.ma.masked_invalid(100 * matrix), cmap="viridis_r", aspect="auto")
@@ -127,7 +132,7 @@ def heatmap_figure(row_values: list, column_values: list, matrix: np.ndarray, ro
     for (i, j), cell in np.ndenumerate(matrix):
         if not np.isnan(cell):
             axes.text(j, i, f"{100 * cell:.1f}", ha="center", va="center", fontsize="small", color="white")
-    figure.colorbar(image, ax=axes, label="validation error %")
+    figure.colorbar(image, ax=axes, label=value_label)
     return figure
 
 
@@ -207,14 +212,19 @@ def _sweep_section(table: dict[str, Any], output: Storage) -> str:
     from kdray.sweep import COLUMNS
 
     trials, metric = table["trials"], table.get("metric", "val_error")
+    # The paper plots test error; a trial's test error is shown for the setting of the other
+    # parameters with the lowest `metric` (sweeps recorded before test errors show `metric`).
+    value = "test_error" if any(row.get("test_error") is not None for row in trials) else metric
+    title = (f"test error at the lowest {metric.replace('_', ' ')} over the other parameters" if value != metric
+             else f"lowest {metric.replace('_', ' ')} over the other parameters")
     parts = ["<h2>Sweep</h2>"]
     for rows, columns in HEATMAPS:
-        row_values, column_values, matrix = heatmap_matrix(trials, rows, columns, metric)
+        row_values, column_values, matrix = heatmap_matrix(trials, rows, columns, value, select_by=metric)
         if not row_values:
             continue
-        title = f"lowest {metric.replace('_', ' ')} over the other parameters"
-        path = _save(heatmap_figure(row_values, column_values, matrix, rows, columns, title), output,
-                     f"sweep-{columns}-{rows}.png")
+        figure = heatmap_figure(row_values, column_values, matrix, rows, columns, title.split(" over")[0],
+                                value_label=f"{value.replace('_', ' ').replace('val ', 'validation ')} %")
+        path = _save(figure, output, f"sweep-{columns}-{rows}.png")
         parts.append(_image(path, f"{LABELS[columns]} x {LABELS[rows]}: {title} "
                                   "(trials ASHA stopped count with the epoch they reached)"))
     order = sorted(trials, key=lambda row: (row.get(metric) is None, row.get(metric) or 0.0))

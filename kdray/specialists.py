@@ -57,7 +57,7 @@ from kdray.models import replace_head
 from kdray.pipeline import StageContext, StageResult
 from kdray.runtime import unwrap_remote_error
 from kdray.storage import Storage
-from kdray.train import LossSpec, evaluate_batches, make_optimizer, make_schedule, train_epoch, validation_metrics
+from kdray.train import LossSpec, evaluate_batches, evaluation_metrics, make_optimizer, make_schedule, train_epoch
 
 CHECKPOINT, HISTORY, FAILED_ONCE = "state.pt", "history.json", "failed-once"
 MAX_RESTARTS = 3
@@ -280,7 +280,7 @@ class SpecialistTrainer:
         if self.validation is None:
             return {}
         corrected = BiasedLogits(model, tuple([0.0] * len(self.job.classes) + [self.dustbin_bias])).to(self.device)
-        return validation_metrics(evaluate_batches(corrected, [self.validation]))
+        return evaluation_metrics(evaluate_batches(corrected, [self.validation]))
 
     def _with_fault(self, batches, epoch: int, work: Storage):
         # Fault injection for tests: die abruptly, once, at the second batch of `fail_at_epoch`.

@@ -45,7 +45,7 @@ SWEPT = "student-swept"
 PARAMETERS = ("temperature", "hard_weight", "width")
 TRIAL_CPUS = 0.1  # the trial function only waits on its trainer (shared/RAY.md)
 TRIAL_WORKER_CPUS = 0.001  # logical only: torch in a worker with < 1 CPU runs one thread either way
-COLUMNS = ("trial", *PARAMETERS, "epochs", "val_error", "val_nll", "seconds", "status")
+COLUMNS = ("trial", *PARAMETERS, "epochs", "val_error", "val_nll", "test_error", "seconds", "status")
 
 
 # ------------------------------------------------------------------------------------ the search
@@ -88,7 +88,7 @@ class TrialSetup:
 
     base: FitSpec  # the student at the sweep's epoch budget
     transfer: str  # the transfer stage's cached shards
-    dataset: str  # the dataset (its validation split)
+    dataset: str  # the dataset (its validation split; its test split for the heatmaps)
     resources: ResourcesConfig
     storage: str  # where the trials' TorchTrainer runs keep their checkpoints
 
@@ -97,7 +97,11 @@ def trial_datasets(setup: TrialSetup) -> dict[str, Any]:
     from kdray.data import read_split
     from kdray.transfer import read_transfer
 
-    return {"train": read_transfer(setup.transfer), "validation": read_split(Storage(setup.dataset), "validation")}
+    dataset = Storage(setup.dataset)
+    # Test error is recorded per trial for the report's heatmaps (the paper's figure is in test
+    # error); the best trial is chosen on validation error only.
+    return {"train": read_transfer(setup.transfer), "validation": read_split(dataset, "validation"),
+            "test": read_split(dataset, "test")}
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -192,7 +196,7 @@ def trial_rows(results, max_epochs: int) -> list[dict[str, Any]]:
         # A trial that failed before its first report has no metrics: its id ends its directory name.
         row = {"trial": metrics.get("trial_id") or result.path.rstrip("/").rsplit("-", 1)[-1],
                **{name: result.config.get(name) for name in PARAMETERS},
-               "epochs": epochs, "val_error": metrics.get("val_error"), "val_nll": metrics.get("val_nll"),
+               "epochs": epochs, **{name: metrics.get(name) for name in ("val_error", "val_nll", "test_error")},
                "seconds": round(float(metrics.get("time_total_s", 0.0)), 2), "status": status}
         rows.append(row)
     return sorted(rows, key=lambda row: row["trial"])
@@ -221,16 +225,20 @@ def format_trials_table(rows: Sequence[dict[str, Any]], metric: str, best: str |
     order = sorted(rows, key=lambda row: (row.get(metric) is None, row.get(metric) or 0.0))
     show_width = any(row.get("width") is not None for row in rows)
     header = f"  {'trial':<14}{'T':>7}{'hard w':>8}" + (f"{'width':>7}" if show_width else "") + \
-        f"{'epochs':>8}{'val error %':>13}{'val NLL':>9}{'seconds':>9}  status"
+        f"{'epochs':>8}{'val error %':>13}{'val NLL':>9}{'test error %':>14}{'seconds':>9}  status"
     lines = [header, "-" * len(header)]
     for row in order:
         mark = "*" if row["trial"] == best else " "
         width = f"{row['width'] if row.get('width') is not None else '':>7}" if show_width else ""
-        error = "n/a" if row.get("val_error") is None else f"{100 * row['val_error']:.2f}"
-        nll = "n/a" if row.get("val_nll") is None else f"{row['val_nll']:.4f}"
+        error, nll, test = (_shown(row.get(name), scale, digits) for name, scale, digits in
+                            (("val_error", 100, 2), ("val_nll", 1, 4), ("test_error", 100, 2)))
         lines.append(f"{mark} {row['trial']:<14}{row['temperature']:>7g}{row['hard_weight']:>8g}{width}"
-                     f"{row['epochs']:>8}{error:>13}{nll:>9}{row['seconds']:>9.1f}  {row['status']}")
+                     f"{row['epochs']:>8}{error:>13}{nll:>9}{test:>14}{row['seconds']:>9.1f}  {row['status']}")
     return "\n".join(lines)
+
+
+def _shown(value: float | None, scale: float, digits: int) -> str:
+    return "n/a" if value is None else f"{scale * value:.{digits}f}"
 
 
 def tensorboard_command(experiment: Storage) -> str:

@@ -141,9 +141,13 @@ def evaluate_batches(model: nn.Module, batches) -> torch.Tensor:
     return totals
 
 
-def validation_metrics(totals: torch.Tensor) -> dict[str, float]:
+# Held-out datasets a fit may evaluate each epoch, and the prefix of their metrics.
+EVALUATED = {"validation": "val", "test": "test"}
+
+
+def evaluation_metrics(totals: torch.Tensor, prefix: str = "val") -> dict[str, float]:
     rows = max(1.0, float(totals[0]))
-    return {"val_error": float(totals[1]) / rows, "val_nll": float(totals[2]) / rows}
+    return {f"{prefix}_error": float(totals[1]) / rows, f"{prefix}_nll": float(totals[2]) / rows}
 
 
 def shuffle_window(windows, batch_size: int, generator: torch.Generator):
@@ -245,7 +249,9 @@ def _maybe_fail(spec: FitSpec, epoch: int, rank: int, resumed: bool, batch_index
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """The per-worker function TorchTrainer runs. loop_config = {"spec": FitSpec}."""
+    """The per-worker function TorchTrainer runs.
+
+    loop_config = {"spec": FitSpec, "evaluated": names of the held-out datasets (keys of EVALUATED)}."""
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
@@ -262,13 +268,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     start, history = _restore(model, optimizer, schedule)
     resumed = start > 0
     train_shard = ray.train.get_dataset_shard("train")
-    validation_shard = ray.train.get_dataset_shard("validation")
+    evaluated = {name: ray.train.get_dataset_shard(name) for name in loop_config["evaluated"]}
     dtypes = {"x": torch.float32, "y": torch.int64, "t": torch.float32, "t_values": torch.float32,
               "t_indices": torch.int64, "t_rest": torch.float32}
-    # Each cache holds its dataset once; together they stay within the configured budget. DDP
-    # workers get equal row counts (streaming_split(equal=True)), so all of them cache, or none:
-    # one still streaming would wait at the split's epoch barrier for the others.
-    train_cache, validation_cache = EpochCache(spec.cache_bytes // 2), EpochCache(spec.cache_bytes // 2)
+    # Training data gets half the cache budget, the held-out sets share the rest. DDP workers get
+    # equal row counts (streaming_split(equal=True)), so all of them cache, or none: one still
+    # streaming would wait at the split's epoch barrier for the others.
+    train_cache = EpochCache(spec.cache_bytes // 2)
+    evaluated_caches = {name: EpochCache(spec.cache_bytes // 2 // len(evaluated)) for name in evaluated}
     for epoch in range(start, spec.train.epochs):
         _seed_epoch(spec.train.seed, epoch, rank)
         started = time.perf_counter()
@@ -279,10 +286,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         metrics = train_epoch(model, optimizer, batches, spec.loss, spec.train, spec.model.num_outputs)
         schedule.step()
         seconds = time.perf_counter() - started
-        if rank == 0:  # the validation set is not split: rank 0 sees all of it
-            totals = evaluate_batches(model, validation_cache.epoch(lambda: validation_shard.iter_torch_batches(
-                batch_size=1024, device=device, dtypes={"x": torch.float32, "y": torch.int64})))
-            metrics.update(validation_metrics(totals))
+        if rank == 0:  # held-out sets are not split: rank 0 sees all of them
+            for name, shard in evaluated.items():
+                batches = evaluated_caches[name].epoch(lambda shard=shard: shard.iter_torch_batches(
+                    batch_size=1024, device=device, dtypes={"x": torch.float32, "y": torch.int64}))
+                metrics.update(evaluation_metrics(evaluate_batches(model, batches), EVALUATED[name]))
         metrics.update(epoch=epoch + 1, seconds=seconds,
                        rows_per_second=metrics["rows"] / max(seconds, 1e-9), lr=schedule.get_last_lr()[0])
         history.append({k: float(v) for k, v in metrics.items()})
@@ -326,23 +334,27 @@ def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, sto
         callbacks: list | None = None, num_workers: int | None = None) -> FitResult:
     """Train with TorchTrainer; checkpoints under `storage_path/name` (re-running resumes there).
 
-    `datasets` holds Ray Datasets "train" and "validation", with the columns `spec.loss.columns()`.
+    `datasets` holds Ray Datasets "train" (with the columns `spec.loss.columns()`) and
+    "validation", and optionally "test": held-out sets evaluated after every epoch, their metrics
+    reported as val_error/val_nll and test_error/test_nll (test is for analysis, e.g. a sweep's
+    heatmaps; nothing selects on it).
     """
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
     spec = replace(spec, cache_bytes=resources.epoch_cache_mb * 2**20)
+    evaluated = [name for name in EVALUATED if name in datasets]
     selected = {"train": datasets["train"].select_columns(spec.loss.columns()),
-                "validation": datasets["validation"].select_columns(["x", "y"])}
+                **{name: datasets[name].select_columns(["x", "y"]) for name in evaluated}}
     scaling = scaling_config(resources, num_workers)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "evaluated": evaluated},
         scaling_config=scaling,
         datasets=selected,
         # Only training data is split, and only between several workers: a split needs a
         # coordinator actor, whose start-up costs seconds per run on a small machine; the
-        # validation set streams whole to rank 0. Train takes its ingest options from the
+        # held-out sets stream whole to rank 0. Train takes its ingest options from the
         # driver's global DataContext, not the dataset's own, so the dataset's order-keeping
         # options (see kdray.data.shards.ordered) are handed over explicitly.
         dataset_config=DataConfig(datasets_to_split=["train"] if scaling.num_workers > 1 else [],

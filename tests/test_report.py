@@ -29,13 +29,18 @@ window.addEventListener("load", () => {
 });
 </script>"""
 
-TRIALS = [  # (T, width, hard weight) -> validation error
-    {"trial": "a", "temperature": 1.0, "width": 30, "hard_weight": 0.0, "val_error": 0.30, "status": "finished"},
-    {"trial": "b", "temperature": 1.0, "width": 30, "hard_weight": 0.5, "val_error": 0.20, "status": "finished"},
-    {"trial": "c", "temperature": 4.0, "width": 30, "hard_weight": 0.0, "val_error": 0.10, "status": "stopped"},
-    {"trial": "d", "temperature": 1.0, "width": 300, "hard_weight": 0.0, "val_error": 0.25, "status": "finished"},
+TRIALS = [  # (T, width, hard weight) -> validation error, test error
+    {"trial": "a", "temperature": 1.0, "width": 30, "hard_weight": 0.0, "val_error": 0.30, "test_error": 0.11,
+     "status": "finished"},
+    {"trial": "b", "temperature": 1.0, "width": 30, "hard_weight": 0.5, "val_error": 0.20, "test_error": 0.22,
+     "status": "finished"},
+    {"trial": "c", "temperature": 4.0, "width": 30, "hard_weight": 0.0, "val_error": 0.10, "test_error": 0.12,
+     "status": "stopped"},
+    {"trial": "d", "temperature": 1.0, "width": 300, "hard_weight": 0.0, "val_error": 0.25, "test_error": 0.27,
+     "status": "finished"},
     {"trial": "e", "temperature": 4.0, "width": 300, "hard_weight": 0.5, "val_error": None, "status": "error"},
-    {"trial": "f", "temperature": 4.0, "width": 300, "hard_weight": 0.0, "val_error": 0.01, "status": "error"},
+    {"trial": "f", "temperature": 4.0, "width": 300, "hard_weight": 0.0, "val_error": 0.01, "test_error": 0.01,
+     "status": "error"},
 ]
 
 
@@ -44,9 +49,17 @@ def test_heatmap_matrix_takes_the_best_over_the_other_parameters():
     assert rows == [30, 300] and columns == [1.0, 4.0]
     # (30, 1): min(0.30, 0.20); (30, 4): 0.10; (300, 1): 0.25; (300, 4): only errored trials -> NaN
     np.testing.assert_allclose(matrix, [[0.20, 0.10], [0.25, np.nan]])
-    rows, columns, matrix = heatmap_matrix(TRIALS, "hard_weight", "temperature", reduce=max)
+    rows, columns, matrix = heatmap_matrix(TRIALS, "hard_weight", "temperature")
     assert rows == [0.0, 0.5]
-    np.testing.assert_allclose(matrix, [[0.30, 0.10], [0.20, np.nan]])
+    np.testing.assert_allclose(matrix, [[0.25, 0.10], [0.20, np.nan]])
+
+
+def test_heatmap_matrix_shows_test_error_of_the_trial_chosen_on_validation():
+    # (30, T=1): trial b has the lower validation error (0.20 < 0.30), so its test error 0.22
+    # shows, not trial a's lower 0.11: the test set chooses nothing.
+    rows, columns, matrix = heatmap_matrix(TRIALS, "width", "temperature", "test_error", select_by="val_error")
+    assert rows == [30, 300] and columns == [1.0, 4.0]
+    np.testing.assert_allclose(matrix, [[0.22, 0.12], [0.27, np.nan]])
     assert heatmap_matrix([{**t, "width": None} for t in TRIALS], "width", "temperature")[2].shape == (0, 0)
 
 

@@ -93,6 +93,7 @@ def test_sweep_runs_trials_under_asha_with_event_files_and_a_table(swept_run):
     assert trials[16]["status"] == "finished" and trials[16]["epochs"] == 2
     assert trials[1]["status"] == "stopped" and trials[1]["epochs"] == 1  # ASHA's rung at epoch 1
     assert trials[1]["val_error"] > trials[16]["val_error"]
+    assert all(0.0 <= row["test_error"] <= 1.0 for row in trials.values())  # for the report's heatmaps
     assert table["best"] == trials[16]["trial"]
     assert trial_worker_reservations() == []  # the stopped trial's worker reservation was released
     with open(run.path("sweep", TRIALS_CSV)) as handle:
