@@ -26,7 +26,7 @@ from kdray.config import SynthConfig
 from kdray.data.shards import read_manifest, read_split
 from kdray.data.synth import write_synthetic_dataset
 from kdray.storage import Storage
-from kdray.train import SHUFFLE_BUFFER_BATCHES, shuffle_window
+from kdray.train import SHUFFLE_BUFFER_BATCHES, shuffle_window, stream_tensors
 
 
 def training_step_loop(batches, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -50,8 +50,7 @@ def in_memory_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: i
 
 def streamed_batches(dataset, batch_size: int, seed: int):
     """What kdray's training loop does: ordered streaming plus its windowed shuffle."""
-    windows = dataset.iter_torch_batches(batch_size=batch_size * SHUFFLE_BUFFER_BATCHES,
-                                         dtypes={"x": torch.float32, "y": torch.int64})
+    windows = stream_tensors(dataset, batch_size * SHUFFLE_BUFFER_BATCHES)
     for batch in shuffle_window(windows, batch_size, torch.Generator().manual_seed(seed)):
         yield batch["x"], batch["y"]
 

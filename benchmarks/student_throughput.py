@@ -36,7 +36,7 @@ from torch import nn
 
 from kdray.artifacts import ModelSpec, save_bundle
 from kdray.config import Config, config_from_dict
-from kdray.data import read_manifest, read_split
+from kdray.data import read_split
 from kdray.data.shards import DatasetManifest
 from kdray.data.synth import write_synthetic_dataset
 from kdray.inference import ModelRef, features

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from kdray.combine import combine, select_active_specialists
 from kdray.data import read_manifest, read_split
 from kdray.inference import LogitsPredictor, ModelRef, features, fixed_size_list, map_logits
 from kdray.losses import ensemble_logits
+from kdray.metrics import gain_kept
 from kdray.pipeline import StageContext
 from kdray.storage import Storage
 
@@ -229,9 +231,8 @@ def specialist_tables(counts: dict[str, np.ndarray], subsets: list[list[int]]) -
     models = tuple(name for name in COUNTED if f"all_{name}" in counts)
     overall = _row(counts["all_rows"][0], counts, "all", 0, models)
     if "distilled" in models:
-        gained = (overall["combined_accuracy"] or 0) - (overall["generalist_accuracy"] or 0)
-        kept = (overall["distilled_accuracy"] or 0) - (overall["generalist_accuracy"] or 0)
-        overall["gain_kept"] = kept / gained if gained else None
+        kept = gain_kept(*(overall[f"{name}_accuracy"] or 0.0 for name in ("generalist", "combined", "distilled")))
+        overall["gain_kept"] = None if math.isnan(kept) else kept
     return {
         "models": list(models),
         "overall": overall,
@@ -324,8 +325,10 @@ def format_tables(tables: dict, markdown: bool = False) -> str:
     lines = [f"{title}Generalist vs generalist + specialists (test split)", "",
              *_table_lines(header, rows, markdown), ""]
     if "gain_kept" in tables["overall"]:
-        lines += [f"distilled back into one net: keeps {_percent(tables['overall']['gain_kept'])}% of the "
-                  "combination's accuracy gain", ""]
+        kept = tables["overall"]["gain_kept"]
+        lines += [f"distilled back into one net: keeps {_percent(kept)}% of the combination's accuracy gain"
+                  if kept is not None else
+                  "distilled back into one net: n/a (the combination did not beat the generalist)", ""]
     lines += [f"{title}Per subset: test examples whose true class is in the subset", "",
               *_table_lines(subset_header, subset_rows, markdown)]
     return "\n".join(lines) + "\n"

@@ -28,7 +28,7 @@ from kdray.artifacts import load_bundle, load_spec
 from kdray.data.shards import DatasetError, DatasetManifest, read_manifest, read_parquet
 from kdray.inference import ModelRef, features, fixed_size_list
 from kdray.losses import ensemble_logits
-from kdray.metrics import N_BINS, ClassificationStats, ensemble_gain_kept, gap_recovered
+from kdray.metrics import N_BINS, ClassificationStats, gain_kept, gap_recovered
 from kdray.pipeline import StageContext, StageResult, read_stage_manifest
 from kdray.storage import Storage
 
@@ -304,7 +304,7 @@ def derived_figures(models: Mapping[str, dict[str, Any]]) -> dict[str, float | N
             figures["ensemble_gain_kept"] = None
         else:
             member_mean = float(np.mean(accuracies[:-2]))
-            figures["ensemble_gain_kept"] = _finite(ensemble_gain_kept(member_mean, accuracies[-2], accuracies[-1]))
+            figures["ensemble_gain_kept"] = _finite(gain_kept(member_mean, accuracies[-2], accuracies[-1]))
     return figures
 
 

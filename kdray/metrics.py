@@ -182,8 +182,10 @@ def gap_recovered(teacher_error: float, baseline_error: float, student_error: fl
     return math.nan if gap <= 0 else (baseline_error - student_error) / gap
 
 
-def ensemble_gain_kept(member_mean_acc: float, ensemble_acc: float, distilled_acc: float) -> float:
-    """Share of the ensemble's accuracy gain over its average member that a single distilled model
-    keeps: (distilled - member_mean) / (ensemble - member_mean). nan unless the ensemble gains."""
-    gain = ensemble_acc - member_mean_acc
-    return math.nan if gain <= 0 else (distilled_acc - member_mean_acc) / gain
+def gain_kept(base_acc: float, improved_acc: float, distilled_acc: float) -> float:
+    """Share of an improvement's accuracy gain over a base model that a single distilled model keeps:
+    (distilled - base) / (improved - base). For an ensemble, base is its average member; for
+    generalist + specialists, the generalist. nan unless the improvement gains: with no gain (or a
+    loss) the ratio means nothing."""
+    gain = improved_acc - base_acc
+    return math.nan if gain <= 0 else (distilled_acc - base_acc) / gain

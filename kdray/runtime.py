@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -54,19 +54,33 @@ def unwrap_remote_error(error: ray.exceptions.RayTaskError) -> BaseException:
 def gather(refs: list[ray.ObjectRef], desc: str = "", progress: bool = False, unit: str = "task") -> list[Any]:
     """`ray.get` in completion order with a progress bar; re-raises the remote exception itself and
     cancels what is still running. Results come back in the order of `refs`."""
+    return run_bounded([lambda ref=ref: ref for ref in refs], None, desc, progress, unit)
+
+
+def run_bounded(submits: Sequence[Callable[[], ray.ObjectRef]], max_in_flight: int | None = None, desc: str = "",
+                progress: bool = False, unit: str = "task") -> list[Any]:
+    """Call `submits` in order (each submits one Ray task and returns its ref), keeping at most
+    `max_in_flight` running (None: all at once), so a job of thousands of tasks holds a bounded
+    number of results in the object store. Results come back in the order of `submits`, collected
+    as they finish with a progress bar; a failure re-raises the remote exception itself and cancels
+    what is still running."""
     from tqdm.auto import tqdm
 
-    index = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(refs)
-    remaining = list(refs)
-    with tqdm(total=len(refs), desc=desc, disable=not progress, unit=unit) as bar:
+    limit = max_in_flight or len(submits)
+    results: list[Any] = [None] * len(submits)
+    waiting = list(reversed(range(len(submits))))  # popped from the end: submitted in order
+    running: dict[ray.ObjectRef, int] = {}
+    with tqdm(total=len(submits), desc=desc, disable=not progress, unit=unit) as bar:
         try:
-            while remaining:
-                done, remaining = ray.wait(remaining, num_returns=1)
-                results[index[done[0]]] = ray.get(done[0])
+            while waiting or running:
+                while waiting and len(running) < limit:
+                    index = waiting.pop()
+                    running[submits[index]()] = index
+                finished, _ = ray.wait(list(running), num_returns=1)
+                results[running.pop(finished[0])] = ray.get(finished[0])
                 bar.update(1)
         except ray.exceptions.RayTaskError as error:
-            for ref in remaining:
+            for ref in running:
                 ray.cancel(ref)
             raise unwrap_remote_error(error) from None
     return results

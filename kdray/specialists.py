@@ -43,7 +43,6 @@ import os
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -63,9 +62,21 @@ CHECKPOINT, HISTORY, FAILED_ONCE = "state.pt", "history.json", "failed-once"
 MAX_RESTARTS = 3
 READ_CPUS = 0.25  # each Ray Data read task inside a specialist
 DATA_RESERVE_CPUS = 1.0  # left free for those reads when sizing how many specialists train at once
-SHUFFLE_ROWS = 4096  # local shuffle buffer: the stream arrives class file by class file
+SHUFFLE_BYTES = 64 * 2**20  # a specialist's local shuffle buffer, at most
 SEED_STRIDE = 1009
 COMBINED = "generalist+specialists"
+
+
+def shuffle_buffer_rows(epoch_rows: int, row_bytes: int, batch_size: int) -> int:
+    """Rows in a specialist's local shuffle buffer.
+
+    Its stream arrives class file by class file (each file one class), so a buffer of a few
+    thousand rows holds one or two classes at a time and so does every batch drawn from it: SGD
+    then drifts towards whichever classes were read last. The buffer holds the whole epoch when
+    that fits in SHUFFLE_BYTES (so every batch mixes all of the specialist's classes and the rest),
+    else as much of it as fits, and always a few batches.
+    """
+    return max(4 * batch_size, min(epoch_rows, SHUFFLE_BYTES // max(1, row_bytes)))
 
 
 def specialist_name(index: int) -> str:
@@ -163,6 +174,11 @@ class SpecialistJob:
     def rest_fraction(self) -> float:
         return rest_sample_fraction(self.subset_rows, sum(self.class_rows) - self.subset_rows, self.subset_fraction)
 
+    @property
+    def epoch_rows(self) -> int:
+        """Rows one epoch streams: all of the subset's and a rest_fraction of the others'."""
+        return self.subset_rows + math.ceil(self.rest_fraction * (sum(self.class_rows) - self.subset_rows))
+
     def loss(self) -> LossSpec:
         if self.soft_target_weight > 0:
             return LossSpec("distill", self.temperature, 1.0 - self.soft_target_weight)
@@ -205,6 +221,8 @@ class SpecialistTrainer:
         generalist_storage = Storage(job.generalist.location)
         # An ensemble generalist: soft targets from all members, weights from the first.
         self.generalists = [load_bundle(generalist_storage, b, self.device)[0] for b in job.generalist.bundles]
+        input_shape = load_spec(generalist_storage, job.generalist.bundles[0]).input_shape
+        self.shuffle_rows = shuffle_buffer_rows(job.epoch_rows, 4 * math.prod(input_shape) + 8, job.train.batch_size)
         self.labels = local_labels(job.classes, job.num_classes).to(self.device)
         self.dustbin_bias = dustbin_log_factor(job.rest_fraction)
         self.validation = self._validation_rows()
@@ -215,7 +233,7 @@ class SpecialistTrainer:
         rows = epoch_rows(self.job, epoch, self._seed(epoch))
         for batch in rows.iter_torch_batches(batch_size=self.job.train.batch_size, device=self.device,
                                              dtypes={"x": torch.float32, "y": torch.int64},
-                                             local_shuffle_buffer_size=max(SHUFFLE_ROWS, 4 * self.job.train.batch_size),
+                                             local_shuffle_buffer_size=self.shuffle_rows,
                                              local_shuffle_seed=self._seed(epoch)):
             out = {"x": batch["x"], "y": self.labels[batch["y"]]}
             if self.job.soft_target_weight > 0:

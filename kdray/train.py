@@ -30,6 +30,9 @@ CHECKPOINT_FILE = "state.pt"
 TEACHER_LOGITS = "t"  # full teacher logits [C]
 TOPK_COLUMNS = ("t_values", "t_indices", "t_rest")  # top-k compressed teacher logits
 SHUFFLE_BUFFER_BATCHES = 8
+# Tensor types of the columns a training or evaluation stream may carry.
+DTYPES = {"x": torch.float32, "y": torch.int64, TEACHER_LOGITS: torch.float32, TOPK_COLUMNS[0]: torch.float32,
+          TOPK_COLUMNS[1]: torch.int64, TOPK_COLUMNS[2]: torch.float32}
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,15 @@ EVALUATED = {"validation": "val", "test": "test"}
 def evaluation_metrics(totals: torch.Tensor, prefix: str = "val") -> dict[str, float]:
     rows = max(1.0, float(totals[0]))
     return {f"{prefix}_error": float(totals[1]) / rows, f"{prefix}_nll": float(totals[2]) / rows}
+
+
+def stream_tensors(rows, batch_size: int, device: torch.device | str = "cpu",
+                   dtypes: dict[str, torch.dtype] | None = None) -> Iterable[dict[str, torch.Tensor]]:
+    """One pass over `rows` (a Ray Dataset or a Train dataset shard) in batches of column tensors
+    on `device`, converted without a per-row copy (kdray.data.tensors)."""
+    from kdray.data.tensors import TensorColumns
+
+    return rows.iter_torch_batches(batch_size=batch_size, device=device, collate_fn=TensorColumns(dtypes or DTYPES))
 
 
 def shuffle_window(windows, batch_size: int, generator: torch.Generator):
@@ -269,8 +281,6 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     resumed = start > 0
     train_shard = ray.train.get_dataset_shard("train")
     evaluated = {name: ray.train.get_dataset_shard(name) for name in loop_config["evaluated"]}
-    dtypes = {"x": torch.float32, "y": torch.int64, "t": torch.float32, "t_values": torch.float32,
-              "t_indices": torch.int64, "t_rest": torch.float32}
     # Training data gets half the cache budget, the held-out sets share the rest. DDP workers get
     # equal row counts (streaming_split(equal=True)), so all of them cache, or none: one still
     # streaming would wait at the split's epoch barrier for the others.
@@ -279,8 +289,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start, spec.train.epochs):
         _seed_epoch(spec.train.seed, epoch, rank)
         started = time.perf_counter()
-        windows = train_cache.epoch(lambda: train_shard.iter_torch_batches(
-            batch_size=spec.train.batch_size * SHUFFLE_BUFFER_BATCHES, device=device, dtypes=dtypes))
+        window_rows = spec.train.batch_size * SHUFFLE_BUFFER_BATCHES
+        windows = train_cache.epoch(lambda: stream_tensors(train_shard, window_rows, device))
         generator = torch.Generator(device=device).manual_seed(spec.train.seed * 1000 + epoch)
         batches = _with_fault(shuffle_window(windows, spec.train.batch_size, generator), spec, epoch, rank, resumed)
         metrics = train_epoch(model, optimizer, batches, spec.loss, spec.train, spec.model.num_outputs)
@@ -288,8 +298,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         seconds = time.perf_counter() - started
         if rank == 0:  # held-out sets are not split: rank 0 sees all of them
             for name, shard in evaluated.items():
-                batches = evaluated_caches[name].epoch(lambda shard=shard: shard.iter_torch_batches(
-                    batch_size=1024, device=device, dtypes={"x": torch.float32, "y": torch.int64}))
+                batches = evaluated_caches[name].epoch(lambda shard=shard: stream_tensors(shard, 1024, device))
                 metrics.update(evaluation_metrics(evaluate_batches(model, batches), EVALUATED[name]))
         metrics.update(epoch=epoch + 1, seconds=seconds,
                        rows_per_second=metrics["rows"] / max(seconds, 1e-9), lr=schedule.get_last_lr()[0])

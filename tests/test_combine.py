@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ from kdray.combine import (
     combine_objective,
     select_active_specialists,
 )
+from kdray.combine_stage import format_tables, specialist_tables, table_counts
 
 F64 = torch.float64
 SOLVERS = {
@@ -197,3 +199,25 @@ def test_wrong_dtypes_raise_type_error() -> None:
         combine(generalist, specialist_in, dustbin, membership.float(), active)
     with pytest.raises(TypeError, match="active"):
         combine(generalist, specialist_in, dustbin, membership, active.long())
+
+
+
+def _tables_for(right: dict[str, int]) -> dict:
+    """Tables over 4 rows of classes {0, 1}, one subset covering both, each model right on its first
+    `right[model]` rows (wrong ones predict class 2)."""
+    labels = np.array([0, 1, 0, 1])
+    predictions = {name: np.where(np.arange(4) < n, labels, 2) for name, n in right.items()}
+    counts = table_counts(labels, predictions, np.ones(4, dtype=np.int64), np.array([[True, True, False]]))
+    return specialist_tables(counts, [[0, 1]])
+
+
+def test_the_distilled_net_keeps_its_share_of_the_combinations_gain() -> None:
+    tables = _tables_for({"generalist": 2, "combined": 4, "distilled": 3})
+    assert tables["overall"]["gain_kept"] == pytest.approx(0.5)
+    assert "keeps 50.00% of the combination's accuracy gain" in format_tables(tables)
+
+
+def test_no_gain_kept_is_shown_when_the_combination_did_not_gain() -> None:
+    tables = _tables_for({"generalist": 3, "combined": 2, "distilled": 1})
+    assert tables["overall"]["gain_kept"] is None  # not 2.0 from (1 - 3) / (2 - 3)
+    assert "n/a (the combination did not beat the generalist)" in format_tables(tables)

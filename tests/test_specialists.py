@@ -21,8 +21,9 @@ from kdray.evaluate import combiner, evaluate_manifests
 from kdray.inference import ModelRef, features
 from kdray.models import create_model
 from kdray.pipeline import Stage, StageResult, run_pipeline
-from kdray.specialists import (CHECKPOINT, COMBINED, FAILED_ONCE, coarsen_log_probs, dustbin_log_factor, epoch_rows,
-                               init_specialist, local_labels, rest_sample_fraction, specialist_jobs, train_specialists)
+from kdray.specialists import (CHECKPOINT, COMBINED, FAILED_ONCE, SHUFFLE_BYTES, SpecialistJob, coarsen_log_probs,
+                               dustbin_log_factor, epoch_rows, init_specialist, local_labels, rest_sample_fraction,
+                               shuffle_buffer_rows, specialist_jobs, train_specialists)
 from kdray.stages import pipeline_stages
 from kdray.train import LossSpec, make_optimizer, train_epoch
 from kdray.storage import Storage
@@ -112,6 +113,19 @@ def test_dustbin_correction_is_the_log_of_the_oversampling_factor():
     corrected = np.log(stream) + np.array([0.0, 0.0, dustbin_log_factor(r)])
     natural = np.exp(corrected) / np.exp(corrected).sum()
     np.testing.assert_allclose(natural, np.append(own, rest) / (own.sum() + rest), rtol=1e-12)
+
+
+def test_the_shuffle_buffer_holds_the_whole_epoch_when_it_fits():
+    # jobs/specialists.yaml: 10 classes of 3000 rows among 200, half the stream from the subset.
+    job = SpecialistJob(name="s", seed_index=0, classes=tuple(range(10)), class_rows=(3000,) * 200,
+                        class_index="", generalist=ModelRef("", ("g",)), dataset="", train=TrainConfig(),
+                        subset_fraction=0.5, soft_target_weight=0.0, temperature=1.0, output="", work="")
+    assert job.epoch_rows == 60_000  # 30,000 own rows and as many of the other 570,000
+    # 32 float32 features + an int64 label: the whole epoch (8 MB) fits, every batch mixes all classes.
+    assert shuffle_buffer_rows(job.epoch_rows, 4 * 32 + 8, 64) == 60_000
+    # 28 x 28 images: as many rows as fit in SHUFFLE_BYTES; never fewer than 4 batches.
+    assert shuffle_buffer_rows(job.epoch_rows, 4 * 784 + 8, 64) == SHUFFLE_BYTES // (4 * 784 + 8)
+    assert shuffle_buffer_rows(100, 136, 64) == 256
 
 
 def test_labels_and_soft_targets_map_to_the_specialists_classes():

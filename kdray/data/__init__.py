@@ -49,7 +49,6 @@ def sample_rows(dataset, fraction: float, seed: int, drop_classes: tuple[int, ..
 
     Deterministic for (id, seed) and streaming: no shuffle, nothing collected.
     """
-    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 

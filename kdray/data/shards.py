@@ -141,8 +141,6 @@ def read_manifest(storage: Storage) -> DatasetManifest:
 
 def read_split(storage: Storage, split: str, manifest: DatasetManifest | None = None):
     """A lazily streamed `ray.data.Dataset` over one split's shards (nothing reaches the driver)."""
-    import ray.data
-
     manifest = manifest or read_manifest(storage)
     shards = manifest.split_shards(split)
     if not shards:
@@ -162,6 +160,11 @@ def read_parquet(paths, filesystem, **options):
     """
     import ray.data
 
+    if isinstance(paths, (list, tuple)):
+        # One block per shard: Ray would otherwise cut each file into several blocks to reach its
+        # default parallelism, and per-block costs dominate a small model's input pipeline
+        # (2.2x the CPU per row streamed, measured on the synthetic shards).
+        options.setdefault("override_num_blocks", len(paths))
     context = ray.data.DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:

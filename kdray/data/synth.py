@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -37,7 +38,7 @@ import ray
 from kdray.config import SynthConfig
 from kdray.data.shards import (MANIFEST, SPLITS, DatasetManifest, ShardInfo, shard_name, shard_table,
                                write_manifest, write_shard)
-from kdray.runtime import unwrap_remote_error
+from kdray.runtime import run_bounded
 from kdray.storage import Storage
 
 CENTRE_DRAWS = 64
@@ -223,29 +224,6 @@ def _default_in_flight() -> int:
     return max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
 
 
-def _run_bounded(storage: Storage, cfg: SynthConfig, keys: list[tuple[str, int]], max_in_flight: int,
-                 progress: bool) -> dict[tuple[str, int], ShardInfo]:
-    """Submit one task per shard, never more than `max_in_flight` at once; re-raise the first
-    failure as the exception the task raised, cancelling the rest."""
-    from tqdm.auto import tqdm
-
-    waiting, running, done = list(reversed(keys)), {}, {}
-    with tqdm(total=len(keys), desc="synth shards", disable=not progress, unit="shard") as bar:
-        try:
-            while waiting or running:
-                while waiting and len(running) < max_in_flight:
-                    key = waiting.pop()
-                    running[_write_synthetic_shard.remote(storage, cfg, *key)] = key
-                finished, _ = ray.wait(list(running), num_returns=1)
-                done[running.pop(finished[0])] = ray.get(finished[0])
-                bar.update(1)
-        except ray.exceptions.RayTaskError as error:
-            for ref in running:
-                ray.cancel(ref)
-            raise unwrap_remote_error(error) from None
-    return done
-
-
 def write_synthetic_dataset(storage: Storage, cfg: SynthConfig, progress: bool = False,
                             max_in_flight: int | None = None) -> DatasetManifest:
     """Generate the dataset `cfg` describes into `storage` with one Ray task per shard; returns the
@@ -256,11 +234,12 @@ def write_synthetic_dataset(storage: Storage, cfg: SynthConfig, progress: bool =
         raise ValueError(f"max_in_flight must be at least 1, got {max_in_flight}")
     storage.delete(MANIFEST)  # until the new manifest lands the directory reads as unfinished
     keys = _shard_keys(cfg)
-    infos = _run_bounded(storage, cfg, keys, max_in_flight or _default_in_flight(), progress)
+    infos = run_bounded([partial(_write_synthetic_shard.remote, storage, cfg, *key) for key in keys],
+                        max_in_flight or _default_in_flight(), desc="synth shards", progress=progress, unit="shard")
     manifest = DatasetManifest(
         num_classes=cfg.classes,
         feature_shape=(cfg.dim,),
-        shards=tuple(infos[key] for key in keys),
+        shards=tuple(infos),
         class_names=tuple(f"class_{c:0{max(2, len(str(cfg.classes - 1)))}d}" for c in range(cfg.classes)),
         class_groups=tuple(int(g) for g in class_groups(cfg)),
         source={"kind": "synth", "config": cfg.model_dump()},
