@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from kdray.combine import combine, select_active_specialists
 from kdray.data import read_manifest, read_split
 from kdray.inference import LogitsPredictor, ModelRef, features, fixed_size_list, map_logits
 from kdray.losses import ensemble_logits
-from kdray.metrics import gain_kept
+from kdray.metrics import defined_or_none, gain_kept
 from kdray.pipeline import StageContext
 from kdray.storage import Storage
 
@@ -231,8 +230,8 @@ def specialist_tables(counts: dict[str, np.ndarray], subsets: list[list[int]]) -
     models = tuple(name for name in COUNTED if f"all_{name}" in counts)
     overall = _row(counts["all_rows"][0], counts, "all", 0, models)
     if "distilled" in models:
-        kept = gain_kept(*(overall[f"{name}_accuracy"] or 0.0 for name in ("generalist", "combined", "distilled")))
-        overall["gain_kept"] = None if math.isnan(kept) else kept
+        accuracies = (overall[f"{name}_accuracy"] or 0.0 for name in ("generalist", "combined", "distilled"))
+        overall["gain_kept"] = defined_or_none(gain_kept(*accuracies))
     return {
         "models": list(models),
         "overall": overall,

@@ -28,7 +28,7 @@ from kdray.artifacts import load_bundle, load_spec
 from kdray.data.shards import DatasetError, DatasetManifest, read_manifest, read_parquet
 from kdray.inference import ModelRef, features, fixed_size_list
 from kdray.losses import ensemble_logits
-from kdray.metrics import N_BINS, ClassificationStats, gain_kept, gap_recovered
+from kdray.metrics import N_BINS, ClassificationStats, defined_or_none, gain_kept, gap_recovered
 from kdray.pipeline import StageContext, StageResult, read_stage_manifest
 from kdray.storage import Storage
 
@@ -296,7 +296,7 @@ def derived_figures(models: Mapping[str, dict[str, Any]]) -> dict[str, float | N
     test = {name: value["test"] for name, value in models.items()}
     figures: dict[str, float | None] = {}
     if {TEACHER, BASELINE, STUDENT} <= test.keys():  # error counts, as the paper reports them
-        figures["gap_recovered"] = _finite(gap_recovered(*(test[name]["errors"] for name in (TEACHER, BASELINE, STUDENT))))
+        figures["gap_recovered"] = defined_or_none(gap_recovered(*(test[name]["errors"] for name in (TEACHER, BASELINE, STUDENT))))
     members = [name for name in test if name.startswith(MEMBER_PREFIX)]
     if len(members) >= 2 and {TEACHER, STUDENT} <= test.keys():
         accuracies = [test[name]["accuracy"] for name in members + [TEACHER, STUDENT]]
@@ -304,12 +304,8 @@ def derived_figures(models: Mapping[str, dict[str, Any]]) -> dict[str, float | N
             figures["ensemble_gain_kept"] = None
         else:
             member_mean = float(np.mean(accuracies[:-2]))
-            figures["ensemble_gain_kept"] = _finite(gain_kept(member_mean, accuracies[-2], accuracies[-1]))
+            figures["ensemble_gain_kept"] = defined_or_none(gain_kept(member_mean, accuracies[-2], accuracies[-1]))
     return figures
-
-
-def _finite(value: float) -> float | None:
-    return None if math.isnan(value) else value
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:

@@ -182,6 +182,11 @@ def gap_recovered(teacher_error: float, baseline_error: float, student_error: fl
     return math.nan if gap <= 0 else (baseline_error - student_error) / gap
 
 
+def defined_or_none(value: float) -> float | None:
+    """A figure for results files: None where a ratio above is undefined (nan)."""
+    return None if math.isnan(value) else value
+
+
 def gain_kept(base_acc: float, improved_acc: float, distilled_acc: float) -> float:
     """Share of an improvement's accuracy gain over a base model that a single distilled model keeps:
     (distilled - base) / (improved - base). For an ensemble, base is its average member; for
