@@ -15,6 +15,7 @@ import pyarrow as pa
 import torch
 
 from kdray.artifacts import load_bundle
+from kdray.data.tensors import column_tensor
 from kdray.losses import ensemble_logits
 from kdray.storage import Storage
 
@@ -28,10 +29,8 @@ class ModelRef:
 
 
 def features(batch: pa.Table, column: str = "x") -> np.ndarray:
-    """The fixed-size-list column as a [B, D] float32 array (zero-copy where Arrow allows)."""
-    array = batch.column(column).combine_chunks()
-    width = array.type.list_size
-    return array.flatten().to_numpy(zero_copy_only=False).reshape(-1, width)
+    """The fixed-size-list column as a [B, D] array (zero-copy where Arrow allows)."""
+    return column_tensor(batch.column(column)).numpy()
 
 
 def fixed_size_list(values: np.ndarray) -> pa.FixedSizeListArray:

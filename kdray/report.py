@@ -215,17 +215,17 @@ def _sweep_section(table: dict[str, Any], output: Storage) -> str:
     # The paper plots test error; a trial's test error is shown for the setting of the other
     # parameters with the lowest `metric` (sweeps recorded before test errors show `metric`).
     value = "test_error" if any(row.get("test_error") is not None for row in trials) else metric
-    title = (f"test error at the lowest {metric.replace('_', ' ')} over the other parameters" if value != metric
-             else f"lowest {metric.replace('_', ' ')} over the other parameters")
+    heading = (f"test error at the lowest {metric.replace('_', ' ')}" if value != metric
+               else f"lowest {metric.replace('_', ' ')}")
     parts = ["<h2>Sweep</h2>"]
     for rows, columns in HEATMAPS:
         row_values, column_values, matrix = heatmap_matrix(trials, rows, columns, value, select_by=metric)
         if not row_values:
             continue
-        figure = heatmap_figure(row_values, column_values, matrix, rows, columns, title.split(" over")[0],
+        figure = heatmap_figure(row_values, column_values, matrix, rows, columns, heading,
                                 value_label=f"{value.replace('_', ' ').replace('val ', 'validation ')} %")
         path = _save(figure, output, f"sweep-{columns}-{rows}.png")
-        parts.append(_image(path, f"{LABELS[columns]} x {LABELS[rows]}: {title} "
+        parts.append(_image(path, f"{LABELS[columns]} x {LABELS[rows]}: {heading} over the other parameters "
                                   "(trials ASHA stopped count with the epoch they reached)"))
     order = sorted(trials, key=lambda row: (row.get(metric) is None, row.get(metric) or 0.0))
     best = next((i for i, row in enumerate(order) if row["trial"] == table.get("best")), None)

@@ -52,8 +52,8 @@ def unwrap_remote_error(error: ray.exceptions.RayTaskError) -> BaseException:
 
 
 def gather(refs: list[ray.ObjectRef], desc: str = "", progress: bool = False, unit: str = "task") -> list[Any]:
-    """`ray.get` in completion order with a progress bar; re-raises the remote exception itself and
-    cancels what is still running. Results come back in the order of `refs`."""
+    """`ray.get` in completion order with a progress bar; re-raises the remote exception itself.
+    Results come back in the order of `refs`."""
     return run_bounded([lambda ref=ref: ref for ref in refs], None, desc, progress, unit)
 
 
@@ -62,8 +62,11 @@ def run_bounded(submits: Sequence[Callable[[], ray.ObjectRef]], max_in_flight: i
     """Call `submits` in order (each submits one Ray task and returns its ref), keeping at most
     `max_in_flight` running (None: all at once), so a job of thousands of tasks holds a bounded
     number of results in the object store. Results come back in the order of `submits`, collected
-    as they finish with a progress bar; a failure re-raises the remote exception itself and cancels
-    what is still running."""
+    as they finish with a progress bar; a failure re-raises the remote exception itself and submits
+    nothing more. Tasks already running are left to finish and their results dropped: `ray.cancel`
+    on a task whose dispatch races its cancellation aborts the driver in Ray 2.60 ("Check failed:
+    it != submissible_tasks_.end() Tried to complete task that was not pending",
+    ray-project/ray#54846), and at most `max_in_flight` tasks are running."""
     from tqdm.auto import tqdm
 
     limit = max_in_flight or len(submits)
@@ -80,7 +83,5 @@ def run_bounded(submits: Sequence[Callable[[], ray.ObjectRef]], max_in_flight: i
                 results[running.pop(finished[0])] = ray.get(finished[0])
                 bar.update(1)
         except ray.exceptions.RayTaskError as error:
-            for ref in running:
-                ray.cancel(ref)
             raise unwrap_remote_error(error) from None
     return results

@@ -15,7 +15,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -61,7 +61,6 @@ class FitSpec:
     loss: LossSpec = LossSpec()
     fail_at_epoch: int | None = None  # fault injection: kill rank 0 once, mid-epoch, in this epoch
     init_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
-    cache_bytes: int = 0  # keep the epoch's data in memory when it fits (ResourcesConfig.epoch_cache_mb)
 
 
 # ------------------------------------------------------------------------------------ pieces
@@ -263,7 +262,8 @@ def _maybe_fail(spec: FitSpec, epoch: int, rank: int, resumed: bool, batch_index
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker function TorchTrainer runs.
 
-    loop_config = {"spec": FitSpec, "evaluated": names of the held-out datasets (keys of EVALUATED)}."""
+    loop_config = {"spec": FitSpec, "evaluated": names of the held-out datasets (keys of EVALUATED),
+    "cache_bytes": memory for keeping epochs' data (ResourcesConfig.epoch_cache_mb)}."""
     import ray.train
     from ray.train.torch import get_device, prepare_model
 
@@ -284,8 +284,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     # Training data gets half the cache budget, the held-out sets share the rest. DDP workers get
     # equal row counts (streaming_split(equal=True)), so all of them cache, or none: one still
     # streaming would wait at the split's epoch barrier for the others.
-    train_cache = EpochCache(spec.cache_bytes // 2)
-    evaluated_caches = {name: EpochCache(spec.cache_bytes // 2 // len(evaluated)) for name in evaluated}
+    cache_bytes = loop_config["cache_bytes"]
+    train_cache = EpochCache(cache_bytes // 2)
+    evaluated_caches = {name: EpochCache(cache_bytes // 2 // len(evaluated)) for name in evaluated}
     for epoch in range(start, spec.train.epochs):
         _seed_epoch(spec.train.seed, epoch, rank)
         started = time.perf_counter()
@@ -351,14 +352,13 @@ def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, sto
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig
     from ray.train.torch import TorchTrainer
 
-    spec = replace(spec, cache_bytes=resources.epoch_cache_mb * 2**20)
     evaluated = [name for name in EVALUATED if name in datasets]
     selected = {"train": datasets["train"].select_columns(spec.loss.columns()),
                 **{name: datasets[name].select_columns(["x", "y"]) for name in evaluated}}
     scaling = scaling_config(resources, num_workers)
     trainer = TorchTrainer(
         train_worker,
-        train_loop_config={"spec": spec, "evaluated": evaluated},
+        train_loop_config={"spec": spec, "evaluated": evaluated, "cache_bytes": resources.epoch_cache_mb * 2**20},
         scaling_config=scaling,
         datasets=selected,
         # Only training data is split, and only between several workers: a split needs a
