@@ -151,7 +151,10 @@ class ClusteringConfig(Section):
     overlap_margin: NonNegativeFloat = 0.5  # extra subsets within (1 + margin) x the own centroid's distance
     batch_size: PositiveInt = 8  # online k-means: columns per update
     epochs: PositiveInt = 20  # online k-means: passes over the columns
-    restarts: PositiveInt = 8  # online k-means: seeds tried, least inertia kept
+    # online k-means: seeds tried, least inertia kept. On jobs/specialists.yaml's covariance (200
+    # classes, 20 planted groups) 8 restarts merged two groups (ARI 0.93, inertia 93.1 against the
+    # planted partition's 91.0); 64 found the planted partition for each of 4 seeds (~1 s).
+    restarts: PositiveInt = 64
     seed: int = 0
 
     @model_validator(mode="after")
