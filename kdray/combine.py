@@ -21,6 +21,8 @@ proportion to q, the M-step renormalises the counts, so
 
 The paper instead parametrises q = softmax(z) and runs gradient descent on z (`combine_by_gradient`,
 kept as the reference); EM needs no step size and each iteration is two [B, C] x [C, M] matmuls.
+With one active specialist (the paper's top_n = 1 over disjoint subsets) EM's fixed point has a
+closed form (`combine_one_active`); `combine` uses it for those rows and EM for the rest.
 
 Inputs are dense and batched so variable-size subsets vectorise. Shapes: B examples, C classes,
 M specialists.
@@ -207,9 +209,42 @@ def combine_by_gradient(generalist_probs: torch.Tensor, specialist_in: torch.Ten
     return torch.where(active.any(-1, keepdim=True), q, generalist_probs)
 
 
+def combine_one_active(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, specialist_dustbin: torch.Tensor,
+                       membership: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """The optimal q [B, C] in closed form, for rows with at most one active specialist.
+
+    With one specialist m (subset S, dustbin d) there are 2 units of data: q = a / 2 on S, and the
+    mass outside S, (A_out + d) / 2 with A_out = p_g(not S), spread in proportion to p_g there (the
+    fixed point of the EM update). If p_g puts no mass outside S, every spread of it is optimal: it
+    is spread evenly, as EM from its uniform start would. Rows without an active specialist return
+    generalist_probs exactly; rows with more than one active specialist get a wrong answer (use
+    `combine`, which sends them to EM).
+    """
+    _check_inputs(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    a, d, complement = _sufficient_statistics(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    chosen = active.to(torch.int8).argmax(-1)  # the active specialist (0 where none: masked below)
+    outside = complement[chosen]  # [B, C]: 1 outside the chosen S
+    dustbin = d.gather(1, chosen[:, None])  # [B, 1], 0 where no specialist is active
+    a_outside = (a * outside).sum(-1, keepdim=True)
+    tiny = torch.finfo(a.dtype).tiny
+    spread = torch.where(a_outside > tiny, a * (a_outside + dustbin) / a_outside.clamp(min=tiny),
+                         dustbin / outside.sum(-1, keepdim=True).clamp(min=1))
+    q = torch.where(outside.bool(), spread, a) / 2
+    return torch.where(active.any(-1, keepdim=True), q.to(generalist_probs.dtype), generalist_probs)
+
+
 def combine(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, specialist_dustbin: torch.Tensor,
             membership: torch.Tensor, active: torch.Tensor, max_iterations: int = 1000,
             tolerance: float = 1e-6) -> torch.Tensor:
-    """The combined distribution q [B, C] (paper, section 5.3), solved exactly by `combine_by_em`."""
-    return combine_by_em(generalist_probs, specialist_in, specialist_dustbin, membership, active,
-                         max_iterations=max_iterations, tolerance=tolerance)
+    """The combined distribution q [B, C] (paper, section 5.3): in closed form for rows with at
+    most one active specialist (`combine_one_active`: the paper's setting of top_n = 1 over disjoint
+    subsets), by `combine_by_em` for the others. EM needs hundreds of iterations when a specialist
+    puts much mass in its dustbin; the closed form is one pass."""
+    _check_inputs(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    q = combine_one_active(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    several = active.sum(-1) > 1
+    if several.any():
+        rows = several.nonzero().squeeze(1)
+        q = q.index_copy(0, rows, combine_by_em(generalist_probs[rows], specialist_in[rows], specialist_dustbin[rows],
+                                                membership, active[rows], max_iterations, tolerance))
+    return q

@@ -11,6 +11,7 @@ from kdray.combine import (
     combine_by_em,
     combine_by_gradient,
     combine_objective,
+    combine_one_active,
     select_active_specialists,
 )
 from kdray.combine_stage import format_tables, specialist_tables, table_counts
@@ -19,6 +20,7 @@ F64 = torch.float64
 SOLVERS = {
     "em": lambda *inputs: combine_by_em(*inputs, max_iterations=5000, tolerance=1e-12),
     "gradient": lambda *inputs: combine_by_gradient(*inputs, steps=150),
+    "closed form": combine_one_active,  # the tests below with at most one active specialist per row
 }
 
 
@@ -115,6 +117,46 @@ def test_matches_brute_force_grid_with_overlapping_specialists() -> None:
     assert torch.allclose(q[0], best, atol=2 * step)
     assert combine_objective(q, generalist, specialist_in, dustbin, membership, active).item() \
         <= values.min().item() + 1e-12
+
+
+def _one_active_each(batch: int, num_specialists: int) -> torch.Tensor:
+    """[B, M] with one random active specialist per row, none in the first two rows."""
+    active = torch.zeros(batch, num_specialists, dtype=torch.bool)
+    active[torch.arange(batch), torch.randint(0, num_specialists, (batch,))] = True
+    active[:2] = False
+    return active
+
+
+@pytest.mark.parametrize("dustbin_scale", [0.2, 1.0, 10.0, 1000.0])
+def test_closed_form_equals_em_with_one_active_specialist(dustbin_scale: float) -> None:
+    generalist, specialist_in, dustbin, membership, _ = _random_case(batch=40, dustbin_scale=dustbin_scale)
+    active = _one_active_each(40, 4)
+    q = combine_one_active(generalist, specialist_in, dustbin, membership, active)
+    q_em = combine_by_em(generalist, specialist_in, dustbin, membership, active, max_iterations=200_000,
+                         tolerance=1e-14)
+    assert torch.allclose(q, q_em, atol=1e-11)
+    assert torch.equal(q[:2], generalist[:2])
+
+
+def test_combine_sends_rows_with_several_active_specialists_to_em() -> None:
+    generalist, specialist_in, dustbin, membership, several = _random_case(batch=40)
+    active = _one_active_each(40, 4)
+    active[10:20] = several[10:20]  # at least two active in these rows
+    q = combine(generalist, specialist_in, dustbin, membership, active, max_iterations=200_000, tolerance=1e-14)
+    q_em = combine_by_em(generalist, specialist_in, dustbin, membership, active, max_iterations=200_000,
+                         tolerance=1e-14)
+    assert torch.allclose(q, q_em, atol=1e-11)
+
+
+def test_closed_form_spreads_the_dustbin_evenly_where_the_generalist_has_no_mass_outside() -> None:
+    """p_g all on S = {0}: any spread of the dustbin's mass over {1, 2} is optimal; EM's uniform start
+    spreads it evenly, and so does the closed form."""
+    generalist = torch.tensor([[1.0, 0.0, 0.0]], dtype=F64)
+    specialist_in, dustbin = torch.tensor([[[0.6, 0.0, 0.0]]], dtype=F64), torch.tensor([[0.4]], dtype=F64)
+    membership, active = torch.tensor([[True, False, False]]), torch.ones(1, 1, dtype=torch.bool)
+    q = combine_one_active(generalist, specialist_in, dustbin, membership, active)
+    assert torch.allclose(q, torch.tensor([[0.8, 0.1, 0.1]], dtype=F64), atol=1e-15)
+    assert torch.allclose(q, combine_by_em(generalist, specialist_in, dustbin, membership, active), atol=1e-12)
 
 
 def test_em_optimum_has_zero_gradient() -> None:
