@@ -26,7 +26,7 @@ from kdray.config import SynthConfig
 from kdray.data.shards import read_manifest, read_split
 from kdray.data.synth import write_synthetic_dataset
 from kdray.storage import Storage
-from kdray.train import SHUFFLE_BUFFER_BATCHES, shuffle_window, stream_tensors
+from kdray.train import shuffle_window, stream_tensors, window_rows
 
 
 def training_step_loop(batches, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
@@ -66,9 +66,9 @@ class WaitClock:
             yield item
 
 
-def streamed_batches(dataset, batch_size: int, seed: int, clock: WaitClock):
+def streamed_batches(dataset, batch_size: int, row_bytes: int, seed: int, clock: WaitClock):
     """What kdray's training loop does: ordered streaming plus its windowed shuffle."""
-    windows = clock.timed(stream_tensors(dataset, batch_size * SHUFFLE_BUFFER_BATCHES))
+    windows = clock.timed(stream_tensors(dataset, window_rows(batch_size, row_bytes)))
     for batch in shuffle_window(windows, batch_size, torch.Generator().manual_seed(seed)):
         yield batch["x"], batch["y"]
 
@@ -122,7 +122,7 @@ def main() -> None:
 
         memory = timed_epochs(lambda e: in_memory_batches(x, y, args.batch_size, e), *model_and_optimizer(), args.epochs)
         clock = WaitClock()
-        streamed = timed_epochs(lambda e: streamed_batches(dataset, args.batch_size, e, clock), *model_and_optimizer(),
+        streamed = timed_epochs(lambda e: streamed_batches(dataset, args.batch_size, 4 * (args.dim + 1), e, clock), *model_and_optimizer(),
                                 args.epochs)
     ray.shutdown()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}")

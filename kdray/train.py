@@ -29,7 +29,14 @@ from kdray.models import apply_max_norm
 CHECKPOINT_FILE = "state.pt"
 TEACHER_LOGITS = "t"  # full teacher logits [C]
 TOPK_COLUMNS = ("t_values", "t_indices", "t_rest")  # top-k compressed teacher logits
-SHUFFLE_BUFFER_BATCHES = 8
+# Training rows come from Ray Data in windows of up to SHUFFLE_WINDOW_BATCHES batches (at most
+# SHUFFLE_WINDOW_BYTES), shuffled within the window. Each window handed over costs Ray Data's
+# iterator and executor threads CPU beside the training loop: on 2 cores, streaming reached 0.79 of
+# the in-memory loop's rows/s with windows of 8 batches, 0.83 with 32, 0.86 with 32 and two windows
+# prefetched (benchmarks/data_throughput.py).
+SHUFFLE_WINDOW_BATCHES = 32
+SHUFFLE_WINDOW_BYTES = 64 << 20
+PREFETCH_WINDOWS = 2
 # Tensor types of the columns a training or evaluation stream may carry.
 DTYPES = {"x": torch.float32, "y": torch.int64, TEACHER_LOGITS: torch.float32, TOPK_COLUMNS[0]: torch.float32,
           TOPK_COLUMNS[1]: torch.int64, TOPK_COLUMNS[2]: torch.float32}
@@ -158,11 +165,25 @@ def stream_tensors(rows, batch_size: int, device: torch.device | str = "cpu",
     on `device`, converted without a per-row copy (kdray.data.tensors)."""
     from kdray.data.tensors import TensorColumns
 
-    return rows.iter_torch_batches(batch_size=batch_size, device=device, collate_fn=TensorColumns(dtypes or DTYPES))
+    return rows.iter_torch_batches(batch_size=batch_size, device=device, collate_fn=TensorColumns(dtypes or DTYPES),
+                                   prefetch_batches=PREFETCH_WINDOWS)
+
+
+def window_rows(batch_size: int, row_bytes: int) -> int:
+    """Rows per shuffle window: SHUFFLE_WINDOW_BATCHES batches, fewer if that exceeds
+    SHUFFLE_WINDOW_BYTES, never less than one batch."""
+    fitting = SHUFFLE_WINDOW_BYTES // max(1, batch_size * row_bytes)
+    return batch_size * max(1, min(SHUFFLE_WINDOW_BATCHES, fitting))
+
+
+def row_bytes(model: ModelSpec) -> int:
+    """An upper bound on a training row's tensor bytes: float32 features and one float32 value per
+    output (teacher logits), plus the label."""
+    return 4 * (math.prod(model.input_shape) + model.num_outputs) + 8
 
 
 def shuffle_window(windows, batch_size: int, generator: torch.Generator):
-    """Split each window of rows (a dict of column tensors, SHUFFLE_BUFFER_BATCHES batches long)
+    """Split each window of rows (a dict of column tensors, `window_rows` long)
     into batches of `batch_size` rows drawn in a random order.
 
     Ray Data's own local shuffle buffer depends on how rows happen to be cut into blocks, which
@@ -290,8 +311,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     for epoch in range(start, spec.train.epochs):
         _seed_epoch(spec.train.seed, epoch, rank)
         started = time.perf_counter()
-        window_rows = spec.train.batch_size * SHUFFLE_BUFFER_BATCHES
-        windows = train_cache.epoch(lambda: stream_tensors(train_shard, window_rows, device))
+        window = window_rows(spec.train.batch_size, row_bytes(spec.model))
+        windows = train_cache.epoch(lambda: stream_tensors(train_shard, window, device))
         generator = torch.Generator(device=device).manual_seed(spec.train.seed * 1000 + epoch)
         batches = _with_fault(shuffle_window(windows, spec.train.batch_size, generator), spec, epoch, rank, resumed)
         metrics = train_epoch(model, optimizer, batches, spec.loss, spec.train, spec.model.num_outputs)

@@ -10,7 +10,17 @@ from kdray.artifacts import ModelSpec
 from kdray.config import ResourcesConfig, TrainConfig
 from kdray.data.shards import read_split
 from kdray.storage import Storage
-from kdray.train import EpochCache, FitSpec, LossSpec, fit, shuffle_window
+from kdray.train import (
+    SHUFFLE_WINDOW_BATCHES,
+    SHUFFLE_WINDOW_BYTES,
+    EpochCache,
+    FitSpec,
+    LossSpec,
+    fit,
+    row_bytes,
+    shuffle_window,
+    window_rows,
+)
 
 SPEC = FitSpec(ModelSpec("mlp", {"hidden": [16], "dropout": 0.2}, (6,), 4),
                TrainConfig(epochs=3, batch_size=64, lr=0.01), LossSpec("hard"))
@@ -92,3 +102,11 @@ def test_epoch_cache_replays_a_whole_pass_that_fits_and_streams_otherwise():
     assert interrupted.batches is None
     assert len(list(interrupted.epoch(_counted_stream(calls)))) == 3 and interrupted.batches is not None
     assert len(list(EpochCache(budget=0).epoch(_counted_stream(calls)))) == 3  # 0: always stream
+
+
+def test_shuffle_windows_hold_32_batches_up_to_their_byte_budget_and_never_less_than_one():
+    assert window_rows(256, 260) == 256 * SHUFFLE_WINDOW_BATCHES  # small rows: the batch count binds
+    big_row = 3 * 224 * 224 * 4  # an ImageNet-sized float image: 64 MiB holds 111 of them
+    assert window_rows(8, big_row) == 8 * (SHUFFLE_WINDOW_BYTES // (8 * big_row))
+    assert window_rows(256, big_row) == 256  # a batch over budget is still one batch
+    assert row_bytes(ModelSpec("mlp", {}, (1, 28, 28), 10)) == 4 * (784 + 10) + 8
