@@ -82,6 +82,12 @@ def _check_count(name: str, value: int, minimum: int) -> None:
 
 
 # ---------------------------------------------------------------------------------- pieces
+def _check_em_options(max_iterations: int, tolerance: float) -> None:
+    _check_count("max_iterations", max_iterations, 1)
+    if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+
+
 def _working_dtype(tensor: torch.Tensor) -> torch.dtype:
     # float16 cannot hold the small masses q(not S_m) that the E-step divides by.
     return torch.promote_types(tensor.dtype, torch.float32)
@@ -154,10 +160,14 @@ def combine_by_em(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, s
     exactly. EM converges linearly, slower when the active specialists put much mass in their dustbins.
     """
     _check_inputs(generalist_probs, specialist_in, specialist_dustbin, membership, active)
-    _check_count("max_iterations", max_iterations, 1)
-    if not isinstance(tolerance, (int, float)) or not tolerance >= 0:
-        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    a, d, complement = _sufficient_statistics(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    _check_em_options(max_iterations, tolerance)
+    statistics = _sufficient_statistics(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    return _where_active(_em(*statistics, max_iterations, tolerance), generalist_probs, active)
+
+
+def _em(a: torch.Tensor, d: torch.Tensor, complement: torch.Tensor, max_iterations: int,
+        tolerance: float) -> torch.Tensor:
+    """EM on the sufficient statistics (see combine_by_em): q [B, C] in their working dtype."""
     tiny = torch.finfo(a.dtype).tiny
     # Start from the E-step of a uniform q: positive wherever the optimum can put mass (EM never
     # revives a class it starts at 0), even where p_g has underflowed to exact zeros.
@@ -171,6 +181,11 @@ def combine_by_em(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, s
         q = q_new
         if converged:
             break
+    return q
+
+
+def _where_active(q: torch.Tensor, generalist_probs: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """q in the inputs' dtype on rows with an active specialist, generalist_probs exactly elsewhere."""
     return torch.where(active.any(-1, keepdim=True), q.to(generalist_probs.dtype), generalist_probs)
 
 
@@ -205,8 +220,7 @@ def combine_by_gradient(generalist_probs: torch.Tensor, specialist_in: torch.Ten
 
     with torch.enable_grad():
         optimizer.step(closure)
-    q = torch.softmax(z.detach(), dim=-1).to(generalist_probs.dtype)
-    return torch.where(active.any(-1, keepdim=True), q, generalist_probs)
+    return _where_active(torch.softmax(z.detach(), dim=-1), generalist_probs, active)
 
 
 def combine_one_active(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, specialist_dustbin: torch.Tensor,
@@ -221,16 +235,20 @@ def combine_one_active(generalist_probs: torch.Tensor, specialist_in: torch.Tens
     `combine`, which sends them to EM).
     """
     _check_inputs(generalist_probs, specialist_in, specialist_dustbin, membership, active)
-    a, d, complement = _sufficient_statistics(generalist_probs, specialist_in, specialist_dustbin, membership, active)
-    chosen = active.to(torch.int8).argmax(-1)  # the active specialist (0 where none: masked below)
+    statistics = _sufficient_statistics(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    return _where_active(_one_active(*statistics, active), generalist_probs, active)
+
+
+def _one_active(a: torch.Tensor, d: torch.Tensor, complement: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+    """The closed form on the sufficient statistics (see combine_one_active), in their working dtype."""
+    chosen = active.to(torch.int8).argmax(-1)  # the active specialist (0 where none: masked by the caller)
     outside = complement[chosen]  # [B, C]: 1 outside the chosen S
     dustbin = d.gather(1, chosen[:, None])  # [B, 1], 0 where no specialist is active
     a_outside = (a * outside).sum(-1, keepdim=True)
     tiny = torch.finfo(a.dtype).tiny
     spread = torch.where(a_outside > tiny, a * (a_outside + dustbin) / a_outside.clamp(min=tiny),
                          dustbin / outside.sum(-1, keepdim=True).clamp(min=1))
-    q = torch.where(outside.bool(), spread, a) / 2
-    return torch.where(active.any(-1, keepdim=True), q.to(generalist_probs.dtype), generalist_probs)
+    return torch.where(outside.bool(), spread, a) / 2
 
 
 def combine(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, specialist_dustbin: torch.Tensor,
@@ -241,10 +259,10 @@ def combine(generalist_probs: torch.Tensor, specialist_in: torch.Tensor, special
     subsets), by `combine_by_em` for the others. EM needs hundreds of iterations when a specialist
     puts much mass in its dustbin; the closed form is one pass."""
     _check_inputs(generalist_probs, specialist_in, specialist_dustbin, membership, active)
-    q = combine_one_active(generalist_probs, specialist_in, specialist_dustbin, membership, active)
-    several = active.sum(-1) > 1
-    if several.any():
-        rows = several.nonzero().squeeze(1)
-        q = q.index_copy(0, rows, combine_by_em(generalist_probs[rows], specialist_in[rows], specialist_dustbin[rows],
-                                                membership, active[rows], max_iterations, tolerance))
-    return q
+    _check_em_options(max_iterations, tolerance)
+    a, d, complement = _sufficient_statistics(generalist_probs, specialist_in, specialist_dustbin, membership, active)
+    q = _one_active(a, d, complement, active)
+    several = (active.sum(-1) > 1).nonzero().squeeze(1)
+    if len(several):
+        q = q.index_copy(0, several, _em(a[several], d[several], complement, max_iterations, tolerance))
+    return _where_active(q, generalist_probs, active)
