@@ -201,7 +201,9 @@ class ResourcesConfig(Section):
     use_gpu: bool | Literal["auto"] = "auto"
     cpus_per_worker: PositiveFloat = 1.0
     gpus_per_worker: NonNegativeFloat = 1.0
-    concurrent_members: PositiveInt = 2  # ensemble members trained at once
+    # Training runs at once: ensemble members, or the student and its baseline (fewer where the
+    # cluster's CPUs could not also serve their Ray Data reads: kdray.train.concurrent_fits).
+    concurrent_members: PositiveInt = 2
     specialist_cpus: PositiveFloat = 0.25
     specialist_gpus: NonNegativeFloat = 0.25
     max_concurrent_trials: PositiveInt = 2

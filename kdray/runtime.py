@@ -51,6 +51,24 @@ def unwrap_remote_error(error: ray.exceptions.RayTaskError) -> BaseException:
     return cause if isinstance(cause, BaseException) else error
 
 
+# Left free for Ray Data's read tasks when sizing how many training runs go at once: a run's
+# workers wait on its reads, so runs holding every CPU would wait forever.
+DATA_RESERVE_CPUS = 1.0
+
+
+def runs_that_fit(cpus_per_run: float, gpus_per_run: float = 0.0) -> int:
+    """How many runs needing `cpus_per_run` CPUs and `gpus_per_run` GPUs the cluster holds at once
+    beside DATA_RESERVE_CPUS; at least one."""
+    cluster = ray.cluster_resources()
+    fits = int(max(0.0, cluster.get("CPU", 1.0) - DATA_RESERVE_CPUS) // cpus_per_run) if cpus_per_run > 0 else 1 << 30
+    if gpus_per_run > 0:
+        fits = min(fits, int(cluster.get("GPU", 0.0) // gpus_per_run))
+    return max(1, fits)
+
+
+WAIT_TICK_S = 1.0  # how often run_bounded calls `on_wait` while no task finishes
+
+
 def gather(refs: list[ray.ObjectRef], desc: str = "", progress: bool = False, unit: str = "task") -> list[Any]:
     """`ray.get` in completion order with a progress bar; re-raises the remote exception itself.
     Results come back in the order of `refs`."""
@@ -58,7 +76,7 @@ def gather(refs: list[ray.ObjectRef], desc: str = "", progress: bool = False, un
 
 
 def run_bounded(submits: Sequence[Callable[[], ray.ObjectRef]], max_in_flight: int | None = None, desc: str = "",
-                progress: bool = False, unit: str = "task") -> list[Any]:
+                progress: bool = False, unit: str = "task", on_wait: Callable[[], None] | None = None) -> list[Any]:
     """Call `submits` in order (each submits one Ray task and returns its ref), keeping at most
     `max_in_flight` running (None: all at once), so a job of thousands of tasks holds a bounded
     number of results in the object store. Results come back in the order of `submits`, collected
@@ -66,7 +84,8 @@ def run_bounded(submits: Sequence[Callable[[], ray.ObjectRef]], max_in_flight: i
     nothing more. Tasks already running are left to finish and their results dropped: `ray.cancel`
     on a task whose dispatch races its cancellation aborts the driver in Ray 2.60 ("Check failed:
     it != submissible_tasks_.end() Tried to complete task that was not pending",
-    ray-project/ray#54846), and at most `max_in_flight` tasks are running."""
+    ray-project/ray#54846), and at most `max_in_flight` tasks are running. `on_wait` (e.g. a
+    finer-grained progress display) is called every WAIT_TICK_S while tasks run."""
     from tqdm.auto import tqdm
 
     limit = max_in_flight or len(submits)
@@ -79,7 +98,11 @@ def run_bounded(submits: Sequence[Callable[[], ray.ObjectRef]], max_in_flight: i
                 while waiting and len(running) < limit:
                     index = waiting.pop()
                     running[submits[index]()] = index
-                finished, _ = ray.wait(list(running), num_returns=1)
+                finished, _ = ray.wait(list(running), num_returns=1, timeout=WAIT_TICK_S if on_wait else None)
+                if on_wait is not None:
+                    on_wait()
+                if not finished:
+                    continue
                 results[running.pop(finished[0])] = ray.get(finished[0])
                 bar.update(1)
         except ray.exceptions.RayTaskError as error:

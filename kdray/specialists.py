@@ -54,14 +54,13 @@ from kdray.inference import ModelRef
 from kdray.losses import MIN_LOG_MASS, ensemble_logits
 from kdray.models import replace_head
 from kdray.pipeline import StageContext, StageResult
-from kdray.runtime import unwrap_remote_error
+from kdray.runtime import runs_that_fit, unwrap_remote_error
 from kdray.storage import Storage
 from kdray.train import LossSpec, evaluate_batches, evaluation_metrics, make_optimizer, make_schedule, train_epoch
 
 CHECKPOINT, HISTORY, FAILED_ONCE = "state.pt", "history.json", "failed-once"
 MAX_RESTARTS = 3
 READ_CPUS = 0.25  # each Ray Data read task inside a specialist
-DATA_RESERVE_CPUS = 1.0  # left free for those reads when sizing how many specialists train at once
 SHUFFLE_BYTES = 64 * 2**20  # a specialist's local shuffle buffer, at most
 SEED_STRIDE = 1009
 COMBINED = "generalist+specialists"
@@ -343,13 +342,7 @@ def concurrent_specialists(resources: ResourcesConfig, gpus_per_specialist: floa
     reserve for their Ray Data reads) and GPUs hold."""
     if limit is not None:
         return limit
-    import ray
-
-    cluster = ray.cluster_resources()
-    fits = int(max(0.0, cluster.get("CPU", 1.0) - DATA_RESERVE_CPUS) // resources.specialist_cpus)
-    if gpus_per_specialist > 0:
-        fits = min(fits, int(cluster.get("GPU", 0.0) // gpus_per_specialist))
-    return max(1, fits)
+    return runs_that_fit(resources.specialist_cpus, gpus_per_specialist)
 
 
 def train_specialists(jobs: list[SpecialistJob], resources: ResourcesConfig, max_concurrent: int | None = None,

@@ -18,8 +18,9 @@ from kdray.config import Config
 from kdray.data import read_manifest, read_split
 from kdray.inference import ModelRef, features, map_logits
 from kdray.pipeline import StageContext, StageResult
+from kdray.progress import EpochProgress, train_in_tasks
 from kdray.storage import Storage
-from kdray.train import FitSpec, LossSpec, final_metrics, fit
+from kdray.train import FitSpec, LossSpec, concurrent_fits, final_metrics, fit_and_save
 from kdray.transfer import read_transfer, transfer_rows
 
 STUDENT, BASELINE, CORRECTED = "student", "baseline", "student-corrected"
@@ -37,15 +38,32 @@ def student_spec(config: Config, input_shape: tuple[int, ...], num_classes: int,
                    config.distill.train, loss)
 
 
-def _train(context: StageContext, name: str, spec: FitSpec, transfer, validation) -> dict:
-    """Train one model unless an interrupted attempt already saved it; returns its last metrics."""
-    output = context.output
-    if not output.exists(name, "model.json"):
-        result = fit(spec, {"train": transfer, "validation": validation}, context.config.resources,
-                     context.work.uri(), name)
-        save_bundle(output, name, spec.model, result.state_dict)
-        output.write_json(result.history, name, "history.json")
-    return final_metrics(output.read_json(name, "history.json"))
+def _training_rows(config: Config, name: str, dataset_location: str, transfer_location: str):
+    """The student's transfer shards, or the same rows with their labels for the baseline
+    (whether or not the student may use them)."""
+    if name == BASELINE:
+        labelled = config.distill.transfer.model_copy(update={"use_labels": True, "dataset": None})
+        return transfer_rows(labelled, dataset_location)
+    return read_transfer(transfer_location)
+
+
+def _train_model(config: Config, name: str, spec: FitSpec, dataset_location: str, transfer_location: str,
+                 output: Storage, work: Storage, callbacks: list) -> None:
+    """One Ray task: the student or the baseline trained and saved as `output/name/`."""
+    datasets = {"train": _training_rows(config, name, dataset_location, transfer_location),
+                "validation": read_split(Storage(dataset_location), "validation")}
+    fit_and_save(spec, datasets, config.resources, work.uri(), output, name, callbacks)
+
+
+def _train_models(context: StageContext, specs: dict[str, FitSpec], dataset_location: str) -> None:
+    """Train the models not yet saved (an interrupted stage keeps those it finished), as
+    concurrent Ray tasks: student and baseline are independent."""
+    todo = {name: spec for name, spec in specs.items() if not context.output.exists(name, "model.json")}
+    config, transfer = context.config, context.input_output("transfer", "transfer")
+    with EpochProgress("student", {name: spec.train.epochs for name, spec in todo.items()}, context.progress) as bar:
+        train_in_tasks(_train_model, {name: (config, name, spec, dataset_location, transfer, context.output,
+                                             context.work) for name, spec in todo.items()},
+                       concurrent_fits(config.resources, config.resources.concurrent_members), bar)
 
 
 def validation_logits(model: ModelRef, dataset_location: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,18 +89,13 @@ def run_student(context: StageContext) -> StageResult:
     config = context.config
     dataset_location = context.input_output("data", "dataset")
     manifest = read_manifest(Storage(dataset_location))
-    transfer = read_transfer(context.input_output("transfer", "transfer"))
-    validation = read_split(Storage(dataset_location), "validation", manifest)
     shape, classes = manifest.feature_shape, manifest.num_classes
-    summary = {STUDENT: _train(context, STUDENT, student_spec(config, shape, classes, student_loss(config)),
-                               transfer, validation)}
-    models = {STUDENT: {"location": context.output.location, "bundles": [STUDENT]}}
+    specs = {STUDENT: student_spec(config, shape, classes, student_loss(config))}
     if config.distill.baseline:
-        # The same rows with their labels, whether or not the student may use them.
-        labelled = config.distill.transfer.model_copy(update={"use_labels": True, "dataset": None})
-        spec = student_spec(config, shape, classes, LossSpec("hard"))
-        summary[BASELINE] = _train(context, BASELINE, spec, transfer_rows(labelled, dataset_location), validation)
-        models[BASELINE] = {"location": context.output.location, "bundles": [BASELINE]}
+        specs[BASELINE] = student_spec(config, shape, classes, LossSpec("hard"))
+    _train_models(context, specs, dataset_location)
+    summary = {name: final_metrics(context.output.read_json(name, "history.json")) for name in specs}
+    models = {name: {"location": context.output.location, "bundles": [name]} for name in specs}
     if config.distill.bias_correction:
         summary["class_bias"] = _correct_bias(context, dataset_location)
         models[CORRECTED] = {"location": context.output.location, "bundles": [CORRECTED]}

@@ -8,13 +8,13 @@ retrained, so an interrupted stage resumes with the members it had not finished.
 
 from __future__ import annotations
 
-from kdray.artifacts import ModelSpec, save_bundle
+from kdray.artifacts import ModelSpec
 from kdray.config import Config
 from kdray.data import read_manifest, read_split, sample_rows
 from kdray.pipeline import StageContext, StageResult
-from kdray.runtime import gather
+from kdray.progress import EpochProgress, train_in_tasks
 from kdray.storage import Storage
-from kdray.train import FitSpec, LossSpec, final_metrics, fit
+from kdray.train import FitSpec, LossSpec, concurrent_fits, final_metrics, fit_and_save
 
 MEMBER_SEED_STRIDE = 1009  # members' seeds far apart, so their data orders share nothing
 
@@ -30,33 +30,26 @@ def member_spec(config: Config, input_shape: tuple[int, ...], num_classes: int, 
     return FitSpec(model=model, train=train, loss=LossSpec("hard"))
 
 
-def _train_member(config: Config, dataset_location: str, output: Storage, work: Storage, index: int) -> dict:
+def _train_member(config: Config, dataset_location: str, output: Storage, work: Storage, index: int,
+                  callbacks: list) -> dict:
     storage = Storage(dataset_location)
     manifest = read_manifest(storage)
     spec = member_spec(config, manifest.feature_shape, manifest.num_classes, index)
     train = sample_rows(read_split(storage, "train", manifest), config.teacher.member_data_fraction, seed=index)
-    result = fit(spec, {"train": train, "validation": read_split(storage, "validation", manifest)},
-                 config.resources, work.uri(), member_name(index))
-    save_bundle(output, member_name(index), spec.model, result.state_dict)
-    output.write_json(result.history, member_name(index), "history.json")
-    return final_metrics(result.history)
+    history = fit_and_save(spec, {"train": train, "validation": read_split(storage, "validation", manifest)},
+                           config.resources, work.uri(), output, member_name(index), callbacks)
+    return final_metrics(history)
 
 
 def run_teacher(context: StageContext) -> StageResult:
-    import ray
-
     config, output = context.config, context.output
     size = config.teacher.ensemble_size
     names = [member_name(i) for i in range(size)]
     todo = [i for i in range(size) if not output.exists(names[i], "model.json")]
-    # The launching task only waits on its trainer: it holds no CPU the workers need.
-    launch = ray.remote(num_cpus=0)(_train_member)
-    pending, refs = list(todo), []
     dataset = context.input_output("data", "dataset")
-    while pending:
-        batch, pending = pending[: config.resources.concurrent_members], pending[config.resources.concurrent_members:]
-        refs += [launch.remote(config, dataset, output, context.work, i) for i in batch]
-        gather(refs[-len(batch):], desc="teacher members", progress=context.progress, unit="member")
+    with EpochProgress("teacher", {names[i]: config.teacher.train.epochs for i in todo}, context.progress) as bar:
+        train_in_tasks(_train_member, {names[i]: (config, dataset, output, context.work, i) for i in todo},
+                       concurrent_fits(config.resources, config.resources.concurrent_members), bar)
     members = {name: output.read_json(name, "history.json")[-1] for name in names}
     models = {f"teacher/{name}": {"location": output.location, "bundles": [name]} for name in names}
     if size > 1:

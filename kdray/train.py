@@ -361,6 +361,16 @@ def scaling_config(resources: ResourcesConfig, num_workers: int | None = None):
                          resources_per_worker=per_worker)
 
 
+def concurrent_fits(resources: ResourcesConfig, wanted: int) -> int:
+    """How many training runs of `resources.num_workers` workers to start at once: `wanted`, or
+    fewer where the cluster's CPUs (less a reserve for the runs' Ray Data reads) and GPUs hold
+    fewer. Two 1-CPU runs on a 2-CPU machine would leave their reads no CPU and wait forever."""
+    from kdray.runtime import runs_that_fit
+
+    gpus = resources.gpus_per_worker * resources.num_workers if use_gpu(resources) else 0.0
+    return min(wanted, runs_that_fit(resources.cpus_per_worker * resources.num_workers, gpus))
+
+
 def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, storage_path: str, name: str,
         callbacks: list | None = None, num_workers: int | None = None) -> FitResult:
     """Train with TorchTrainer; checkpoints under `storage_path/name` (re-running resumes there).
@@ -417,6 +427,18 @@ def _fit_keeping_sigint_handler(trainer):
         return trainer.fit()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def fit_and_save(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, work: str, output,
+                 name: str, callbacks: list | None = None) -> list[dict[str, float]]:
+    """`fit` under the run name `name` (checkpoints in `work`), then the model's bundle and its
+    history saved as `output/name/`; returns the history."""
+    from kdray.artifacts import save_bundle
+
+    result = fit(spec, datasets, resources, work, name, callbacks=callbacks)
+    save_bundle(output, name, spec.model, result.state_dict)
+    output.write_json(result.history, name, "history.json")
+    return result.history
 
 
 def final_metrics(history: list[dict[str, float]]) -> dict[str, float]:
