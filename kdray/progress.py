@@ -21,15 +21,14 @@ class _Board:
 
     def __init__(self) -> None:
         self.latest: dict[str, dict[str, Any]] = {}
-        self.order: list[str] = []
+        self.last: str | None = None
 
     def post(self, run: str, metrics: dict[str, Any]) -> None:
-        self.latest[run] = metrics
-        self.order = [name for name in self.order if name != run] + [run]
+        self.latest[run], self.last = metrics, run
 
     def read(self) -> tuple[dict[str, dict[str, Any]], str | None]:
         """(latest metrics per run, the run that reported last)."""
-        return self.latest, (self.order[-1] if self.order else None)
+        return self.latest, self.last
 
 
 @cache  # one class, so that ray.train is imported only once a bar is drawn
