@@ -63,7 +63,7 @@ def _train_models(context: StageContext, specs: dict[str, FitSpec], dataset_loca
     with EpochProgress("student", {name: spec.train.epochs for name, spec in todo.items()}, context.progress) as bar:
         train_in_tasks(_train_model, {name: (config, name, spec, dataset_location, transfer, context.output,
                                              context.work) for name, spec in todo.items()},
-                       concurrent_fits(config.resources, config.resources.concurrent_members), bar)
+                       concurrent_fits(config.resources), bar)
 
 
 def validation_logits(model: ModelRef, dataset_location: str) -> tuple[torch.Tensor, torch.Tensor]:

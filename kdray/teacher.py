@@ -49,7 +49,7 @@ def run_teacher(context: StageContext) -> StageResult:
     dataset = context.input_output("data", "dataset")
     with EpochProgress("teacher", {names[i]: config.teacher.train.epochs for i in todo}, context.progress) as bar:
         train_in_tasks(_train_member, {names[i]: (config, dataset, output, context.work, i) for i in todo},
-                       concurrent_fits(config.resources, config.resources.concurrent_members), bar)
+                       concurrent_fits(config.resources), bar)
     members = {name: output.read_json(name, "history.json")[-1] for name in names}
     models = {f"teacher/{name}": {"location": output.location, "bundles": [name]} for name in names}
     if size > 1:

@@ -361,14 +361,14 @@ def scaling_config(resources: ResourcesConfig, num_workers: int | None = None):
                          resources_per_worker=per_worker)
 
 
-def concurrent_fits(resources: ResourcesConfig, wanted: int) -> int:
-    """How many training runs of `resources.num_workers` workers to start at once: `wanted`, or
-    fewer where the cluster's CPUs (less a reserve for the runs' Ray Data reads) and GPUs hold
+def concurrent_fits(resources: ResourcesConfig) -> int:
+    """How many training runs of `resources.num_workers` workers to start at once:
+    `resources.concurrent_members`, or fewer where the cluster's CPUs (less a reserve for the runs' Ray Data reads) and GPUs hold
     fewer. Two 1-CPU runs on a 2-CPU machine would leave their reads no CPU and wait forever."""
     from kdray.runtime import runs_that_fit
 
     gpus = resources.gpus_per_worker * resources.num_workers if use_gpu(resources) else 0.0
-    return min(wanted, runs_that_fit(resources.cpus_per_worker * resources.num_workers, gpus))
+    return min(resources.concurrent_members, runs_that_fit(resources.cpus_per_worker * resources.num_workers, gpus))
 
 
 def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, storage_path: str, name: str,

@@ -54,7 +54,8 @@ def test_concurrent_runs_leave_a_cpu_for_their_data(ray_local):
     assert runs_that_fit(1.0) == 1 and runs_that_fit(0.5) == 2 and runs_that_fit(0.25) == 4
     assert runs_that_fit(4.0) == 1  # too big to fit beside the reserve: still one at a time
     assert runs_that_fit(0.5, gpus_per_run=1.0) == 1  # no GPUs here: at least one run
-    assert concurrent_fits(ResourcesConfig(cpus_per_worker=1.0, use_gpu=False), 2) == 1
-    assert concurrent_fits(ResourcesConfig(cpus_per_worker=0.5, use_gpu=False), 2) == 2
-    assert concurrent_fits(ResourcesConfig(cpus_per_worker=0.25, num_workers=2, use_gpu=False), 8) == 2
-    assert concurrent_fits(ResourcesConfig(cpus_per_worker=0.25, use_gpu=False), 3) == 3
+    assert concurrent_fits(ResourcesConfig(cpus_per_worker=1.0, use_gpu=False, concurrent_members=2)) == 1
+    assert concurrent_fits(ResourcesConfig(cpus_per_worker=0.5, use_gpu=False, concurrent_members=2)) == 2
+    assert concurrent_fits(ResourcesConfig(cpus_per_worker=0.25, num_workers=2, use_gpu=False,
+                                           concurrent_members=8)) == 2
+    assert concurrent_fits(ResourcesConfig(cpus_per_worker=0.25, use_gpu=False, concurrent_members=3)) == 3
