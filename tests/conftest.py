@@ -1,6 +1,11 @@
-"""Shared fixtures: one real local Ray for the whole session (2 CPUs, as on the CI machine)."""
+"""Shared fixtures: one real local Ray for the whole session (2 CPUs, as on the CI machine), and
+what makes a failure readable where the suite runs unattended (CI)."""
 
 import os
+import shutil
+import sys
+import tempfile
+import threading
 
 import pytest
 import ray
@@ -13,6 +18,13 @@ from kdray.faults import FAST_TRAIN_POLL
 # Set before Ray starts, so every Ray process (and every `ray start` a test runs) inherits it.
 for _name, _value in FAST_TRAIN_POLL.items():
     os.environ.setdefault(_name, _value)
+# Ray refuses to create objects once the disk holding its session is 95% full: on a large shared
+# CI disk that is still gigabytes, far more than the suite's few hundred MB. Only a truly full disk
+# should fail the tests.
+os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.995")
+
+WATCHDOG_LEAD_S = 30  # Ray's state is printed this long before pytest-timeout ends a hung test
+_SHOWN: set[str] = set()  # failure texts already printed (a module fixture's error repeats per test)
 
 
 @pytest.fixture(scope="session")
@@ -22,3 +34,64 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+def pytest_report_header(config):
+    usage = shutil.disk_usage(tempfile.gettempdir())
+    return (f"kdray: {os.cpu_count()} CPUs; {tempfile.gettempdir()} {usage.free / 2**30:.1f} GiB free of "
+            f"{usage.total / 2**30:.0f} GiB ({100 * usage.used / usage.total:.0f}% used)")
+
+
+def _ray_state() -> str:
+    """What holds the session's resources: a hang's usual cause is a run that never ended."""
+    from ray.util import placement_group_table
+
+    groups = [f"  {group['name'] or group['placement_group_id'][:8]} {group['state']} {group['bundles']}"
+              for group in placement_group_table().values() if group["state"] != "REMOVED"]
+    return "\n".join([f"available {ray.available_resources()}", f"of {ray.cluster_resources()}",
+                      "placement groups:", *(groups or ["  none"])])
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """pytest-timeout's thread method ends the whole run on a hang (a signal cannot interrupt a
+    blocking ray.get), with no report: print Ray's state just before, while it can be read."""
+    timeout = float(item.config.getini("timeout") or 0)
+    marker = item.get_closest_marker("timeout")
+    timeout = float(marker.args[0]) if marker and marker.args else timeout
+    watchdog = None
+    if timeout > WATCHDOG_LEAD_S:
+        watchdog = threading.Timer(timeout - WATCHDOG_LEAD_S, _print_hang, (item.nodeid, timeout))
+        watchdog.daemon = True
+        watchdog.start()
+    yield
+    if watchdog is not None:
+        watchdog.cancel()
+
+
+def _print_hang(nodeid: str, timeout: float) -> None:
+    state = _ray_state() if ray.is_initialized() else "Ray is not running"
+    print(f"\n{nodeid} is still running {WATCHDOG_LEAD_S} s before its {timeout:.0f} s timeout:\n{state}",
+          file=sys.stderr, flush=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Print a failure when it happens, not only in the summary at the end: when CI stops a run
+    that hangs later, the end never comes."""
+    outcome = yield
+    report = outcome.get_result()
+    terminal = item.config.pluginmanager.get_plugin("terminalreporter")
+    if not report.failed or terminal is None:
+        return
+    if ray.is_initialized():
+        report.sections.append(("ray at failure", _ray_state()))
+    terminal.write_line("")
+    terminal.write_line(f"FAILED {report.nodeid} ({report.when}), as it happened:", red=True)
+    tail = "\n".join(report.longreprtext.splitlines()[-30:])
+    if tail in _SHOWN:
+        terminal.write_line("    the same error as printed above")
+        return
+    _SHOWN.add(tail)
+    for line in [*tail.splitlines(), *(text for name, text in report.sections if name == "ray at failure")]:
+        terminal.write_line("    " + line)
