@@ -33,7 +33,7 @@ import ray
 from kdray.config import ClusteringConfig
 from kdray.covariance import CovarianceAccumulator
 from kdray.data import read_manifest, read_split
-from kdray.data import _splitmix_uniform as splitmix_uniform  # sample_rows' hash: one definition
+from kdray.data import splitmix_uniform  # sample_rows' hash: one definition
 from kdray.data.shards import DatasetManifest
 from kdray.inference import ModelRef, features, map_logits
 from kdray.metrics import log_softmax

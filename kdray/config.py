@@ -128,6 +128,10 @@ class TransferConfig(Section):
     dataset: str | None = None  # a separate (possibly unlabeled) kdray dataset instead of train
     top_k: PositiveInt | None = None  # keep only the top-k logits plus the rest's log-mass
     use_labels: bool = True  # False: the student sees only soft targets
+    # >1: the teacher also labels copies - 1 versions of each row shifted by up to `jitter` pixels
+    # per axis (images only), so an MLP student learns the invariances a CNN teacher has.
+    copies: PositiveInt = 1
+    jitter: PositiveInt = 2
     seed: int = 0
 
 

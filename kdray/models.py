@@ -228,17 +228,32 @@ class JitterImages(nn.Module):
         _check_flat_input(x, math.prod(self.image_shape), self.image_shape)
         if not self.training or self.jitter == 0:
             return x
-        b, (c, h, w), j = x.shape[0], self.image_shape, self.jitter
-        padded = F.pad(x.reshape(b, c, h, w), (j, j, j, j))
-        # A crop starting at offset 0..2j of the zero-padded image is a shift by -j..j; gather all
-        # crops at once with broadcast index tensors [B, C, H, W] instead of looping over examples.
-        top = torch.randint(0, 2 * j + 1, (b, 1, 1, 1), device=x.device)
-        left = torch.randint(0, 2 * j + 1, (b, 1, 1, 1), device=x.device)
-        rows = top + torch.arange(h, device=x.device).view(1, 1, h, 1)
-        cols = left + torch.arange(w, device=x.device).view(1, 1, 1, w)
-        batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
-        channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
-        return padded[batch, channel, rows, cols].reshape(b, c * h * w)
+        return jitter_images(x, self.image_shape, self.jitter)
+
+
+def jitter_images(x: torch.Tensor, image_shape: tuple[int, int, int], jitter: int,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flat images x [B, C*H*W], each shifted by a random whole-pixel offset in [-jitter, jitter]
+    per axis (offsets from `generator`, default torch's)."""
+    size, device = (x.shape[0], 1, 1, 1), generator.device if generator is not None else x.device
+    top = torch.randint(0, 2 * jitter + 1, size, generator=generator, device=device).to(x.device)
+    left = torch.randint(0, 2 * jitter + 1, size, generator=generator, device=device).to(x.device)
+    return shift_images(x, image_shape, jitter, top, left)
+
+
+def shift_images(x: torch.Tensor, image_shape: tuple[int, int, int], jitter: int, top: torch.Tensor,
+                 left: torch.Tensor) -> torch.Tensor:
+    """Flat images x [B, C*H*W], example b shifted by jitter - top[b] rows and jitter - left[b]
+    columns (top, left in [0, 2 * jitter]): pixels shifted in are zeros, pixels shifted out lost."""
+    b, (c, h, w), j = x.shape[0], image_shape, jitter
+    padded = F.pad(x.reshape(b, c, h, w), (j, j, j, j))
+    # A crop starting at offset 0..2j of the zero-padded image is a shift by -j..j; gather all
+    # crops at once with broadcast index tensors [B, C, H, W] instead of looping over examples.
+    rows = top.reshape(b, 1, 1, 1) + torch.arange(h, device=x.device).view(1, 1, h, 1)
+    cols = left.reshape(b, 1, 1, 1) + torch.arange(w, device=x.device).view(1, 1, 1, w)
+    batch = torch.arange(b, device=x.device).view(b, 1, 1, 1)
+    channel = torch.arange(c, device=x.device).view(1, c, 1, 1)
+    return padded[batch, channel, rows, cols].reshape(b, c * h * w)
 
 
 def _check_flat_input(x: torch.Tensor, in_features: int, input_shape: tuple[int, ...]) -> None:

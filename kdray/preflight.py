@@ -43,4 +43,8 @@ def check_config(config: Config) -> None:
     bad = [c for c in config.distill.transfer.omit_classes if c >= num_classes]
     if bad:
         raise ConfigError(f"invalid config: distill.transfer.omit_classes: {bad} not in [0, {num_classes})")
-    check_models(config, dataset_input_shape(config.data), num_classes)
+    input_shape = dataset_input_shape(config.data)
+    if config.distill.transfer.copies > 1 and len(input_shape) != 3:
+        raise ConfigError(f"invalid config: distill.transfer.copies: jittered copies need images (C, H, W); "
+                          f"the data's feature shape is {tuple(input_shape)}")
+    check_models(config, input_shape, num_classes)

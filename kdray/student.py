@@ -2,8 +2,8 @@
 transfer shards with the shared loop, then exported.
 
 The student minimises (1 - hard_weight) * T^2 * KL(teacher_T || student_T) + hard_weight * CE(y),
-the hard term on labelled rows only; the baseline has the same architecture, data and budget but
-hard labels alone. Optionally a per-class logit bias is fitted on the validation split afterwards
+the hard term on labelled rows only; the baseline has the same architecture and epochs but hard
+labels alone, on the labelled training rows the transfer set was drawn from. Optionally a per-class logit bias is fitted on the validation split afterwards
 (the paper's fix for classes missing from the transfer set).
 """
 
@@ -39,10 +39,11 @@ def student_spec(config: Config, input_shape: tuple[int, ...], num_classes: int,
 
 
 def _training_rows(config: Config, name: str, dataset_location: str, transfer_location: str):
-    """The student's transfer shards, or the same rows with their labels for the baseline
-    (whether or not the student may use them)."""
+    """The student's transfer shards, or for the baseline the labelled training rows they were
+    drawn from (with labels whether or not the student may use them; no separate transfer dataset
+    and no jittered copies: those need the teacher to label them)."""
     if name == BASELINE:
-        labelled = config.distill.transfer.model_copy(update={"use_labels": True, "dataset": None})
+        labelled = config.distill.transfer.model_copy(update={"use_labels": True, "dataset": None, "copies": 1})
         return transfer_rows(labelled, dataset_location)
     return read_transfer(transfer_location)
 

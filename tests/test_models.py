@@ -341,3 +341,17 @@ def test_bad_import_paths_say_what_is_wrong(user_module: str, path: str, message
 def test_import_path_model_rejects_unknown_options(user_module: str) -> None:
     with pytest.raises(TypeError, match=r"'widht'.*did you mean 'width'.*accepts: width"):
         create_model(f"{user_module}:tiny", (2, 3), 4, widht=6)
+
+
+def test_shift_images_moves_content_by_jitter_minus_the_offset() -> None:
+    image = _one_hot_images(1, (1, 7, 7), 3, 3)
+    for top, left in [(0, 0), (2, 1), (4, 4)]:
+        out = models.shift_images(image, (1, 7, 7), 2, torch.tensor([top]), torch.tensor([left])).reshape(7, 7)
+        assert out[3 + 2 - top, 3 + 2 - left] == 1.0 and out.sum() == 1.0  # moved by (2 - top, 2 - left)
+
+
+def test_jitter_images_draws_its_offsets_from_the_generator() -> None:
+    x = _batch((1, 6, 6), size=32)
+    first = models.jitter_images(x, (1, 6, 6), 1, torch.Generator().manual_seed(3))
+    assert torch.equal(first, models.jitter_images(x, (1, 6, 6), 1, torch.Generator().manual_seed(3)))
+    assert not torch.equal(first, x)

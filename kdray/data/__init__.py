@@ -55,7 +55,7 @@ def sample_rows(dataset, fraction: float, seed: int, drop_classes: tuple[int, ..
     dropped = pa.array(sorted(drop_classes), type=pa.int64())
 
     def keep(batch: pa.Table) -> pa.Table:
-        uniform = _splitmix_uniform(batch.column("id").to_numpy(), seed)
+        uniform = splitmix_uniform(batch.column("id").to_numpy(), seed)
         mask = uniform < fraction
         mask &= ~pc.is_in(batch.column("y"), value_set=dropped).to_numpy(zero_copy_only=False)
         return batch.filter(pa.array(mask))
@@ -65,7 +65,7 @@ def sample_rows(dataset, fraction: float, seed: int, drop_classes: tuple[int, ..
     return dataset.map_batches(keep, batch_format="pyarrow")
 
 
-def _splitmix_uniform(ids, seed: int):
+def splitmix_uniform(ids, seed: int):
     """ids [N] int64 -> [N] floats in [0, 1): the splitmix64 finaliser of (id, seed), so each
     (id, seed) pair gets a fixed, well-mixed draw (different seeds give independent subsets)."""
     import numpy as np
