@@ -129,7 +129,8 @@ class TransferConfig(Section):
     top_k: PositiveInt | None = None  # keep only the top-k logits plus the rest's log-mass
     use_labels: bool = True  # False: the student sees only soft targets
     # >1: the teacher also labels copies - 1 versions of each row shifted by up to `jitter` pixels
-    # per axis (images only), so an MLP student learns the invariances a CNN teacher has.
+    # per axis (images only): the student sees its answers on the shifted inputs a jitter-trained
+    # teacher learnt from (on Fashion-MNIST it did not lift a 2x800 MLP: README).
     copies: PositiveInt = 1
     jitter: PositiveInt = 2
     seed: int = 0

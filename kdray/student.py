@@ -3,8 +3,9 @@ transfer shards with the shared loop, then exported.
 
 The student minimises (1 - hard_weight) * T^2 * KL(teacher_T || student_T) + hard_weight * CE(y),
 the hard term on labelled rows only; the baseline has the same architecture and epochs but hard
-labels alone, on the labelled training rows the transfer set was drawn from. Optionally a per-class logit bias is fitted on the validation split afterwards
-(the paper's fix for classes missing from the transfer set).
+labels alone, on the labelled training rows the transfer set was drawn from. Optionally a
+per-class logit bias is fitted on the validation split afterwards (the paper's fix for classes
+missing from the transfer set).
 """
 
 from __future__ import annotations
