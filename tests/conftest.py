@@ -18,9 +18,9 @@ from kdray.faults import FAST_TRAIN_POLL
 # Set before Ray starts, so every Ray process (and every `ray start` a test runs) inherits it.
 for _name, _value in FAST_TRAIN_POLL.items():
     os.environ.setdefault(_name, _value)
-# Ray refuses to create objects once the disk holding its session is 95% full: on a large shared
-# CI disk that is still gigabytes, far more than the suite's few hundred MB. Only a truly full disk
-# should fail the tests.
+# Ray fails an object creation that needs spilling once the disk holding its session is 95% full
+# by its count (1 - free / size: this workplace's shared disk reads 72% full with 71 GB free); the
+# suite writes a few hundred MB, so only a truly full disk should fail it.
 os.environ.setdefault("RAY_local_fs_capacity_threshold", "0.995")
 
 WATCHDOG_LEAD_S = 30  # Ray's state is printed this long before pytest-timeout ends a hung test
@@ -36,10 +36,14 @@ def ray_local():
     ray.shutdown()
 
 
-def pytest_report_header(config):
+def pytest_sessionstart(session):
+    """The machine in one line, shown under -q too (a report header is not): CI logs say what it had."""
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
     usage = shutil.disk_usage(tempfile.gettempdir())
-    return (f"kdray: {os.cpu_count()} CPUs; {tempfile.gettempdir()} {usage.free / 2**30:.1f} GiB free of "
-            f"{usage.total / 2**30:.0f} GiB ({100 * usage.used / usage.total:.0f}% used)")
+    if terminal is not None:
+        terminal.write_line(f"kdray tests: {os.cpu_count()} CPUs; {tempfile.gettempdir()} {usage.free / 2**30:.1f} GiB "
+                            f"free of {usage.total / 2**30:.0f} GiB: {100 * (1 - usage.free / usage.total):.0f}% full as Ray "
+                            "counts it (free ÷ size; Ray's default refuses objects above 95%)")
 
 
 def _ray_state() -> str:
