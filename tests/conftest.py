@@ -43,7 +43,7 @@ def pytest_sessionstart(session):
     if terminal is not None:
         terminal.write_line(f"kdray tests: {os.cpu_count()} CPUs; {tempfile.gettempdir()} {usage.free / 2**30:.1f} GiB "
                             f"free of {usage.total / 2**30:.0f} GiB: {100 * (1 - usage.free / usage.total):.0f}% full as Ray "
-                            "counts it (free ÷ size; Ray's default refuses objects above 95%)")
+                            "counts it (free ÷ size; above 95% Ray's default fails objects that need spilling)")
 
 
 def _ray_state() -> str:
