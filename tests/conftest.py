@@ -56,19 +56,22 @@ def _ray_state() -> str:
                       "placement groups:", *(groups or ["  none"])])
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
+_WATCHDOGS: dict[str, threading.Timer] = {}
+
+
+def pytest_timeout_set_timer(item, settings):
     """pytest-timeout's thread method ends the whole run on a hang (a signal cannot interrupt a
-    blocking ray.get), with no report: print Ray's state just before, while it can be read."""
-    timeout = float(item.config.getini("timeout") or 0)
-    marker = item.get_closest_marker("timeout")
-    timeout = float(marker.args[0]) if marker and marker.args else timeout
-    watchdog = None
-    if timeout > WATCHDOG_LEAD_S:
-        watchdog = threading.Timer(timeout - WATCHDOG_LEAD_S, _print_hang, (item.nodeid, timeout))
+    blocking ray.get), with no report: print Ray's state just before, while it can be read. The
+    timeout is pytest-timeout's own (ini, command line or marker); returning None lets it arm."""
+    if settings.timeout > WATCHDOG_LEAD_S:
+        watchdog = threading.Timer(settings.timeout - WATCHDOG_LEAD_S, _print_hang, (item.nodeid, settings.timeout))
         watchdog.daemon = True
         watchdog.start()
-    yield
+        _WATCHDOGS[item.nodeid] = watchdog
+
+
+def pytest_timeout_cancel_timer(item):
+    watchdog = _WATCHDOGS.pop(item.nodeid, None)
     if watchdog is not None:
         watchdog.cancel()
 
@@ -88,8 +91,9 @@ def pytest_runtest_makereport(item, call):
     terminal = item.config.pluginmanager.get_plugin("terminalreporter")
     if not report.failed or terminal is None:
         return
-    if ray.is_initialized():
-        report.sections.append(("ray at failure", _ray_state()))
+    state = _ray_state() if ray.is_initialized() else None
+    if state is not None:
+        report.sections.append(("ray at failure", state))
     terminal.write_line("")
     terminal.write_line(f"FAILED {report.nodeid} ({report.when}), as it happened:", red=True)
     tail = "\n".join(report.longreprtext.splitlines()[-30:])
@@ -97,5 +101,5 @@ def pytest_runtest_makereport(item, call):
         terminal.write_line("    the same error as printed above")
         return
     _SHOWN.add(tail)
-    for line in [*tail.splitlines(), *(text for name, text in report.sections if name == "ray at failure")]:
+    for line in [*tail.splitlines(), *([state] if state else [])]:
         terminal.write_line("    " + line)
