@@ -80,6 +80,10 @@ def shrink_overrides(args: argparse.Namespace, base: Config) -> list[str]:
         pairs.append(f"clustering.num_specialists={args.specialists}")
         if base.data.source == "synth":
             pairs.append(f"data.synth.groups={args.specialists}")
+    if synth.bridges and (args.classes or args.specialists):
+        # As many bridges per group as the job has, while every group keeps a class of its own.
+        classes, groups = args.classes or synth.classes, args.specialists or synth.groups
+        pairs.append(f"data.synth.bridges={max(0, min(round(synth.bridges * groups / synth.groups), classes - groups))}")
     if args.epochs:
         pairs += [f"{key}.epochs={args.epochs}" for key in ("teacher.train", "specialists.train",
                                                              "specialists.distill_train")]

@@ -179,7 +179,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from kdray.data.synth import write_synthetic_dataset
     from kdray.runtime import ray_session
 
-    fields = ("rows", "validation_rows", "test_rows", "classes", "groups", "dim", "seed", "shards")
+    fields = ("rows", "validation_rows", "test_rows", "classes", "groups", "bridges", "dim", "seed", "shards")
     values = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     try:
         synth = SynthConfig(**values)
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth = _command(data_commands, "synth", cmd_data_synth,
                      "generate the synthetic many-class dataset with planted confusable groups")
     synth.add_argument("out", help="output dataset directory (path or URI)")
-    for name in ("rows", "validation-rows", "test-rows", "classes", "groups", "dim", "seed", "shards"):
+    for name in ("rows", "validation-rows", "test-rows", "classes", "groups", "bridges", "dim", "seed", "shards"):
         synth.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
     synth.add_argument("--address", help="Ray cluster address")
     _add_dataset_output(synth)

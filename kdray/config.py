@@ -48,12 +48,20 @@ class SynthConfig(Section):
     group_spread: PositiveFloat = 6.0
     class_spread: PositiveFloat = 1.0
     noise: PositiveFloat = 0.75
+    # Classes placed halfway between their group and the nearest other group, so they are
+    # confusable with both (the last `bridges` class ids): what overlapping specialists are for.
+    bridges: NonNegativeInt = 0
     seed: int = 0
 
     @model_validator(mode="after")
     def _groups_fit(self) -> SynthConfig:
         if self.groups > self.classes:
             raise ValueError(f"groups ({self.groups}) must not exceed classes ({self.classes})")
+        if self.bridges and self.groups < 2:
+            raise ValueError(f"bridges ({self.bridges}) need at least 2 groups to lie between, got {self.groups}")
+        if self.bridges > self.classes - self.groups:
+            raise ValueError(f"bridges ({self.bridges}) must leave every group a class of its own: at most "
+                             f"classes - groups = {self.classes - self.groups}")
         return self
 
 
@@ -66,6 +74,11 @@ class DataConfig(Section):
     validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 1 / 12
     rows_per_shard: PositiveInt = 10_000
     seed: int = 0
+
+    def fingerprint_view(self) -> dict[str, Any]:
+        """What the data stage's result depends on: `synth` only when it generates the data, so
+        a new synthetic option does not invalidate the stages of an image or Parquet run."""
+        return self.model_dump(mode="json", exclude=None if self.source == "synth" else {"synth"})
 
     # A field validator (not a model validator) so the error names `data.path`, not `data`.
     @field_validator("path")

@@ -73,6 +73,8 @@ def _config_value(config: Config, dotted: str) -> Any:
     value: Any = config
     for part in dotted.split("."):
         value = getattr(value, part)
+    if hasattr(value, "fingerprint_view"):  # a section that knows which of its fields matter
+        return value.fingerprint_view()
     return value.model_dump(mode="json") if hasattr(value, "model_dump") else value
 
 

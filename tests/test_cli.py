@@ -171,3 +171,11 @@ def test_data_synth_rejects_a_non_positive_size_naming_the_option(tmp_path, caps
     assert code == 2
     assert f"kdray: error: {option}: " in err
     assert not out_dir.exists()
+
+
+def test_data_synth_rejects_more_bridges_than_the_groups_can_spare(tmp_path, capsys):
+    out_dir = tmp_path / "synth"
+    code, _, err = kdray(["data", "synth", str(out_dir), "--classes", "4", "--groups", "2", "--bridges", "3"], capsys)
+    assert code == 2
+    assert "bridges (3) must leave every group a class of its own: at most classes - groups = 2" in err
+    assert not out_dir.exists()

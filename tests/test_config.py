@@ -102,6 +102,16 @@ def test_groups_may_not_exceed_classes():
         config_from_dict({"data": {"synth": {"classes": 4, "groups": 8}}})
 
 
+@pytest.mark.parametrize("synth, message", [
+    ({"classes": 12, "groups": 4, "bridges": 9}, r"bridges \(9\) must leave every group a class of its own: at most "
+                                                 r"classes - groups = 8"),
+    ({"classes": 12, "groups": 1, "bridges": 2}, r"bridges \(2\) need at least 2 groups"),
+])
+def test_bridges_must_leave_each_group_a_class_and_have_a_second_group(synth, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"data": {"synth": synth}})
+
+
 def test_parquet_source_with_an_existing_path_is_valid(tmp_path):
     config = config_from_dict({"data": {"source": "parquet", "path": str(tmp_path)}})
     assert config.data.path == str(tmp_path)

@@ -12,7 +12,7 @@ from kdray.config import load_config
 from kdray.preflight import _num_classes, check_config
 
 REPO = Path(__file__).resolve().parent.parent
-JOBS = ["jobs/specialists.yaml", "jobs/specialists_fashion_mnist.yaml"]
+JOBS = ["jobs/specialists.yaml", "jobs/specialists_fashion_mnist.yaml", "jobs/specialists_overlap.yaml"]
 
 
 def _benchmark():
@@ -58,6 +58,13 @@ def test_fashion_mnist_job_has_a_few_overlapping_specialists():
     assert 3 <= config.clustering.num_specialists <= 4 and config.clustering.memberships == 2
 
 
+def test_overlap_job_plants_classes_two_specialists_should_share():
+    config = load_config(str(REPO / JOBS[2]))
+    synth, clustering = config.data.synth, config.clustering
+    assert synth.bridges > 0 and clustering.memberships == 2 and clustering.num_specialists == synth.groups
+    assert synth.validation_rows >= 50 * synth.classes
+
+
 def test_benchmark_flags_shrink_the_synthetic_job_to_a_valid_config():
     benchmark = _benchmark()
     args = benchmark.parse_args([str(REPO / JOBS[0]), "--rows", "3000", "--classes", "16", "--specialists", "4",
@@ -70,6 +77,15 @@ def test_benchmark_flags_shrink_the_synthetic_job_to_a_valid_config():
     assert [train.epochs for train in epochs] == [1, 1, 1]
     assert config.specialists.top_n == 2
     check_clustering_config(config.clustering, synth.classes)
+
+
+def test_benchmark_flags_keep_the_overlap_jobs_bridges_per_group():
+    benchmark = _benchmark()
+    args = benchmark.parse_args([str(REPO / JOBS[2]), "--rows", "3000", "--classes", "16", "--specialists", "4"])
+    synth = benchmark.benchmark_config(args).data.synth
+    assert (synth.classes, synth.groups, synth.bridges) == (16, 4, 4)  # one bridge per group, as in the job
+    args = benchmark.parse_args([str(REPO / JOBS[2]), "--classes", "12", "--specialists", "10"])
+    assert benchmark.benchmark_config(args).data.synth.bridges == 2  # every group keeps a class of its own
 
 
 def test_benchmark_refuses_synthetic_sizes_for_fashion_mnist():

@@ -215,6 +215,17 @@ def test_fingerprint_depends_only_on_the_keys_a_stage_reads():
     assert stage_fingerprint(stage, config_with(), {"prepare": "abc"}) != base
 
 
+def test_data_fingerprint_reads_the_synthetic_options_only_when_they_make_the_data():
+    stage = Stage("data", lambda context: StageResult(), config_keys=("data",))
+
+    def fingerprint(source: str, **synth) -> str:
+        return stage_fingerprint(stage, config_from_dict({"data": {"source": source, "synth": synth}}), {})
+
+    assert fingerprint("fashion-mnist", bridges=3) == fingerprint("fashion-mnist")
+    assert fingerprint("synth", bridges=3) != fingerprint("synth")
+    assert fingerprint("mnist") != fingerprint("fashion-mnist")
+
+
 def test_the_resolved_config_is_saved_in_the_run_directory(toy, storage):
     config = config_with(temperature=8.0)
     run(toy, config, storage)

@@ -7,7 +7,10 @@ The generative story, every random choice drawn from `SynthConfig.seed` alone:
 2. **Latent means** in ``latent_dim`` dimensions: group centres ``group_spread * N(0, I)`` (the best
    of `CENTRE_DRAWS` draws by smallest pairwise distance, so no two groups nearly coincide); class
    means ``centre + class_spread * N(0, I)``; a row is ``z = mean[y] + noise * N(0, I)`` with
-   ``y`` uniform. Classes of one group overlap; groups lie far apart.
+   ``y`` uniform. Classes of one group overlap; groups lie far apart. The last ``bridges``
+   classes are *bridges*, confusable with two groups: each has a second mean in the group whose
+   centre is nearest its own (``partner centre + class_spread * N(0, I)``, drawn from a stream of
+   its own so the other classes do not change), and half its rows, by a fair coin, come from it.
 3. **Warp.** `WARP_LAYERS` additive coupling layers (a random rotation, then half the coordinates
    move by ``amplitude * sin(W @ other half + phase)``), bending space at the scale of the groups.
    Coupling layers are invertible and volume-preserving, so the warp loses no information: the
@@ -57,7 +60,9 @@ class SynthStructure:
     """Everything fixed by the seed; L = latent_dim, D = dim, K = WARP_LAYERS, H = L // 2."""
 
     class_groups: np.ndarray  # [C] int64
+    class_partners: np.ndarray  # [C] int64: a bridge class's second group, -1 for the others
     class_means: np.ndarray  # [C, L] latent class means
+    second_means: np.ndarray  # [C, L] a bridge class's mean in its partner group (= class_means otherwise)
     rotations: np.ndarray  # [K, L, L] orthogonal
     frequencies: np.ndarray  # [K, L - H, H]
     phases: np.ndarray  # [K, H]
@@ -87,7 +92,11 @@ class SynthStructure:
     def sample(self, rng: np.random.Generator, rows: int, noise: float) -> tuple[np.ndarray, np.ndarray]:
         """-> labels [rows] uniform over classes, latent points [rows, L]."""
         labels = rng.integers(0, len(self.class_means), rows)
-        latent = self.class_means[labels] + noise * rng.standard_normal((rows, self.class_means.shape[1]))
+        means = self.class_means[labels]
+        latent = means + noise * rng.standard_normal(means.shape)
+        if (self.class_partners >= 0).any():  # no extra draws without bridges: their rows stay as they were
+            second = (self.class_partners[labels] >= 0) & (rng.random(rows) < 0.5)
+            latent[second] += self.second_means[labels[second]] - means[second]
         return labels, latent
 
 
@@ -117,6 +126,17 @@ def _group_centres(rng: np.random.Generator, cfg: SynthConfig) -> np.ndarray:
     return best
 
 
+def bridge_partners(centres: np.ndarray, groups: np.ndarray, bridges: int) -> np.ndarray:
+    """[C]: for each of the last `bridges` classes the other group whose centre (of `centres`
+    [G, L]) is nearest its own group's; -1 for every other class."""
+    gaps = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    np.fill_diagonal(gaps, np.inf)
+    partners = np.full(len(groups), -1, dtype=np.int64)
+    if bridges:
+        partners[-bridges:] = gaps.argmin(axis=1)[groups[-bridges:]]
+    return partners
+
+
 def _orthonormal(rng: np.random.Generator, rows: int, cols: int) -> np.ndarray:
     """[rows, cols] with orthonormal rows (rows <= cols) or orthonormal columns (rows > cols)."""
     basis, _ = np.linalg.qr(rng.standard_normal((max(rows, cols), min(rows, cols))))
@@ -127,11 +147,19 @@ def synth_structure(cfg: SynthConfig) -> SynthStructure:
     """Draw the class means, warp and embedding for `cfg` (cheap: every task rebuilds it)."""
     rng = _rng(cfg, 0)
     groups = class_groups(cfg)
-    means = _group_centres(rng, cfg)[groups] + cfg.class_spread * rng.standard_normal((cfg.classes, cfg.latent_dim))
+    centres = _group_centres(rng, cfg)
+    means = centres[groups] + cfg.class_spread * rng.standard_normal((cfg.classes, cfg.latent_dim))
+    partners = bridge_partners(centres, groups, cfg.bridges)
+    second_means = means.copy()
+    bridged = partners >= 0
+    second_means[bridged] = centres[partners[bridged]] + cfg.class_spread * _rng(cfg, 0, 1).standard_normal(
+        (int(bridged.sum()), cfg.latent_dim))
     latent, half = cfg.latent_dim, cfg.latent_dim // 2
     structure = SynthStructure(
         class_groups=groups,
+        class_partners=partners,
         class_means=means,
+        second_means=second_means,
         rotations=np.stack([_orthonormal(rng, latent, latent) for _ in range(WARP_LAYERS)]),
         frequencies=rng.standard_normal((WARP_LAYERS, latent - half, half)) * (WARP_FREQUENCY / cfg.group_spread),
         phases=rng.uniform(0.0, 2 * np.pi, (WARP_LAYERS, half)),
