@@ -208,25 +208,40 @@ def _confusion_section(results: dict[str, Any], output: Storage) -> str:
     return "<h2>Confusion matrices (test)</h2>\n" + _image(path, "Rows: true class, normalised; columns: predicted class")
 
 
+def _heatmaps(trials: list[dict[str, Any]], output: Storage, metric: str, prefix: str, file_suffix: str,
+              budget: str) -> list[str]:
+    """The HEATMAPS of the trials' `prefix`-ed errors. The paper plots test error: each cell shows
+    the test error of the setting of the other parameters with the lowest `metric` (sweeps
+    recorded before test errors show `metric` itself)."""
+    select_by = prefix + metric
+    value = prefix + "test_error" if any(row.get(prefix + "test_error") is not None for row in trials) else select_by
+    chosen = f"test error at the lowest {metric.replace('_', ' ')}" if value != select_by \
+        else f"lowest {metric.replace('_', ' ')}"
+    label = value.removeprefix(prefix).replace("_", " ").replace("val ", "validation ") + " %"
+    parts = []
+    for rows, columns in HEATMAPS:
+        row_values, column_values, matrix = heatmap_matrix(trials, rows, columns, value, select_by=select_by)
+        if not row_values:
+            continue
+        figure = heatmap_figure(row_values, column_values, matrix, rows, columns, f"{chosen}\n{budget}",
+                                value_label=label)
+        path = _save(figure, output, f"sweep-{columns}-{rows}{file_suffix}.png")
+        parts.append(_image(path, f"{LABELS[columns]} x {LABELS[rows]}: {chosen} over the other parameters, "
+                                  f"{budget}"))
+    return parts
+
+
 def _sweep_section(table: dict[str, Any], output: Storage) -> str:
     from kdray.sweep import COLUMNS
 
     trials, metric = table["trials"], table.get("metric", "val_error")
-    # The paper plots test error; a trial's test error is shown for the setting of the other
-    # parameters with the lowest `metric` (sweeps recorded before test errors show `metric`).
-    value = "test_error" if any(row.get("test_error") is not None for row in trials) else metric
-    heading = (f"test error at the lowest {metric.replace('_', ' ')}" if value != metric
-               else f"lowest {metric.replace('_', ' ')}")
     parts = ["<h2>Sweep</h2>"]
-    for rows, columns in HEATMAPS:
-        row_values, column_values, matrix = heatmap_matrix(trials, rows, columns, value, select_by=metric)
-        if not row_values:
-            continue
-        figure = heatmap_figure(row_values, column_values, matrix, rows, columns, heading,
-                                value_label=f"{value.replace('_', ' ').replace('val ', 'validation ')} %")
-        path = _save(figure, output, f"sweep-{columns}-{rows}.png")
-        parts.append(_image(path, f"{LABELS[columns]} x {LABELS[rows]}: {heading} over the other parameters "
-                                  "(trials ASHA stopped count with the epoch they reached)"))
+    rung = table.get("rung_epoch")
+    if rung is not None:  # every trial at ASHA's first rung: the same budget in every cell
+        parts += _heatmaps(trials, output, metric, prefix="rung_", file_suffix=f"-epoch{rung}",
+                           budget=f"at epoch {rung}, which every trial reached")
+    parts += _heatmaps(trials, output, metric, prefix="", file_suffix="",
+                       budget="at the last epoch of each trial (ASHA stopped some early)")
     order = sorted(trials, key=lambda row: (row.get(metric) is None, row.get(metric) or 0.0))
     best = next((i for i, row in enumerate(order) if row["trial"] == table.get("best")), None)
     parts.append(_table(COLUMNS, [[row.get(name) for name in COLUMNS] for row in order], highlight=best))

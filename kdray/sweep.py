@@ -45,7 +45,12 @@ SWEPT = "student-swept"
 PARAMETERS = ("temperature", "hard_weight", "width")
 TRIAL_CPUS = 0.1  # the trial function only waits on its trainer (shared/RAY.md)
 TRIAL_WORKER_CPUS = 0.001  # logical only: torch in a worker with < 1 CPU runs one thread either way
-COLUMNS = ("trial", *PARAMETERS, "epochs", "val_error", "val_nll", "test_error", "seconds", "status")
+# Every trial reaches ASHA's first rung (its grace period); later epochs only the promoted ones,
+# and the first trials to reach a rung are promoted before any rival has been seen. Errors at the
+# rung compare every trial at the same budget; the final ones do not.
+RUNG_METRICS = ("val_error", "test_error")
+COLUMNS = ("trial", *PARAMETERS, "epochs", "val_error", "val_nll", "test_error",
+           *(f"rung_{name}" for name in RUNG_METRICS), "seconds", "status")
 
 
 # ------------------------------------------------------------------------------------ the search
@@ -185,9 +190,10 @@ def release_trial_worker_reservations(exclude: set[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------ the trials table
-def trial_rows(results, max_epochs: int) -> list[dict[str, Any]]:
+def trial_rows(results, max_epochs: int, rung_epoch: int | None = None) -> list[dict[str, Any]]:
     """One row per trial of a ResultGrid; status "finished" (trained `max_epochs`), "stopped"
-    (by ASHA) or "error"."""
+    (by ASHA) or "error"; `rung_*` the trial's RUNG_METRICS at epoch `rung_epoch` (None where it
+    did not get there)."""
     rows = []
     for result in results:
         metrics = result.metrics or {}
@@ -197,9 +203,20 @@ def trial_rows(results, max_epochs: int) -> list[dict[str, Any]]:
         row = {"trial": metrics.get("trial_id") or result.path.rstrip("/").rsplit("-", 1)[-1],
                **{name: result.config.get(name) for name in PARAMETERS},
                "epochs": epochs, **{name: metrics.get(name) for name in ("val_error", "val_nll", "test_error")},
+               **{f"rung_{name}": value for name, value in metrics_at_epoch(result, rung_epoch).items()},
                "seconds": round(float(metrics.get("time_total_s", 0.0)), 2), "status": status}
         rows.append(row)
     return sorted(rows, key=lambda row: row["trial"])
+
+
+def metrics_at_epoch(result, epoch: int | None) -> dict[str, float | None]:
+    """RUNG_METRICS of a Tune Result as reported at `epoch` (None each where it was not)."""
+    frame = result.metrics_dataframe if epoch is not None else None
+    if frame is None or "epoch" not in frame:
+        return dict.fromkeys(RUNG_METRICS)
+    reported = frame[frame["epoch"] == epoch]
+    return {name: float(reported[name].iloc[-1]) if name in reported and len(reported) and
+            reported[name].notna().iloc[-1] else None for name in RUNG_METRICS}
 
 
 def best_trial(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
@@ -283,14 +300,14 @@ def run_sweep(context: StageContext) -> StageResult:
                        context.work.child("trials").uri())
     experiment = context.output.child(EXPERIMENT)
     results = run_tune(setup, sweep, concurrent, context.output, verbose=1 if context.progress else 0)
-    rows = trial_rows(results, sweep.max_epochs)
+    rows = trial_rows(results, sweep.max_epochs, rung_epoch=sweep.grace_period)
     errored = [row["trial"] for row in rows if row["status"] == "error"]
     if errored:
         raise RuntimeError(f"sweep trials {errored} failed (see {experiment.uri()}); run again to resume them")
     best = best_trial(rows, sweep.metric)
     context.output.write_text(trials_csv(rows), TRIALS_CSV)
-    context.output.write_json({"metric": sweep.metric, "max_epochs": sweep.max_epochs, "best": best["trial"],
-                               "trials": rows}, TRIALS_JSON)
+    context.output.write_json({"metric": sweep.metric, "max_epochs": sweep.max_epochs,
+                               "rung_epoch": sweep.grace_period, "best": best["trial"], "trials": rows}, TRIALS_JSON)
     params = {name: best[name] for name in PARAMETERS if best.get(name) is not None}
     final = _train_best(context, setup, params)
     context.output.write_json({"trial": best["trial"], **params}, BEST, "params.json")

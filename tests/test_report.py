@@ -91,8 +91,9 @@ def test_report_page_renders_with_every_figure(swept_run, tmp_path):  # noqa: F8
     for expected in ("student-swept", "Learning curves", "Confusion matrices", "Sweep", "stopped"):
         assert expected in html
     figures = sorted(report.list(FIGURES))
-    assert figures == ["confusion.png", "learning-curves.png", "sweep-temperature-hard_weight.png",
-                       "sweep-temperature-width.png"]
+    assert figures == ["confusion.png", "learning-curves.png", "sweep-temperature-hard_weight-epoch1.png",
+                       "sweep-temperature-hard_weight.png", "sweep-temperature-width-epoch1.png",
+                       "sweep-temperature-width.png"]  # at ASHA's rung (epoch 1, every trial) and at the last
     images, broken = _image_check(report, tmp_path)
     assert images == len(figures) and broken == []
 
@@ -114,8 +115,10 @@ def test_kdray_report_includes_clustering_figure_and_specialists_table(swept_run
     assert f"[kdray] wrote {run.path(REPORT_DIR, PAGE)}" in capsys.readouterr().out
     html = run.read_text(REPORT_DIR, PAGE)
     assert "<td>c2 c3</td>" in html and "clustering-covariance.png" in html
+    figures = run.child(REPORT_DIR).list(FIGURES)
+    assert "clustering-covariance.png" in figures and len(figures) == 7  # the swept run's 6, and this one
     images, broken = _image_check(run.child(REPORT_DIR), tmp_path)
-    assert images == 5 and broken == []
+    assert images == len(figures) and broken == []
 
 
 def test_kdray_report_on_a_directory_without_a_run_fails_cleanly(tmp_path, capsys):

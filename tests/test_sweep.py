@@ -84,6 +84,11 @@ def _reported_epochs(run: Storage) -> dict[str, list[int]]:
     return reported
 
 
+def _first_report(directory: str) -> dict:
+    with open(os.path.join(directory, "result.json")) as handle:
+        return json.loads(handle.readline())
+
+
 def test_sweep_runs_trials_under_asha_with_event_files_and_a_table(swept_run):
     run, outcomes = swept_run["run"], swept_run["outcomes"]
     assert outcomes["sweep"] == outcomes["evaluate"] == outcomes["report"] == "ran"
@@ -94,6 +99,12 @@ def test_sweep_runs_trials_under_asha_with_event_files_and_a_table(swept_run):
     assert trials[1]["status"] == "stopped" and trials[1]["epochs"] == 1  # ASHA's rung at epoch 1
     assert trials[1]["val_error"] > trials[16]["val_error"]
     assert all(0.0 <= row["test_error"] <= 1.0 for row in trials.values())  # for the report's heatmaps
+    # Both trials at ASHA's rung (epoch 1): the stopped one's last figures, the finished one's first.
+    assert table["rung_epoch"] == 1
+    assert trials[1]["rung_val_error"] == trials[1]["val_error"]
+    assert trials[1]["rung_test_error"] == trials[1]["test_error"]
+    finished = _first_report(next(directory for directory in _trial_dirs(run) if "-w16-" in directory))
+    assert finished["epoch"] == 1 and trials[16]["rung_val_error"] == finished["val_error"]
     assert table["best"] == trials[16]["trial"]
     assert trial_worker_reservations() == []  # the stopped trial's worker reservation was released
     with open(run.path("sweep", TRIALS_CSV)) as handle:
@@ -201,7 +212,7 @@ def test_check_sweep_names_the_keys():
 def test_temperature_job_config_is_valid_and_sweeps_the_papers_grid():
     config = load_config(os.path.join(os.path.dirname(__file__), "..", "jobs", "temperature.yaml"))
     assert config.sweep.enabled and config.sweep.search == "grid"
-    assert config.sweep.widths == [30, 100, 300, 800]
+    assert config.sweep.widths == [30, 100, 300]  # the paper's narrow (30) and wide (>= 300) students
     assert config.sweep.temperatures == [1.0, 2.0, 2.5, 3.0, 4.0, 8.0, 20.0]
     assert config.sweep.hard_weights == [0.0, 0.1, 0.5]
     check_sweep(config)
