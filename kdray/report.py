@@ -131,7 +131,10 @@ def heatmap_figure(row_values: list, column_values: list, matrix: np.ndarray, ro
     axes.set(xlabel=LABELS.get(columns, columns), ylabel=LABELS.get(rows, rows), title=title)
     for (i, j), cell in np.ndenumerate(matrix):
         if not np.isnan(cell):
-            axes.text(j, i, f"{100 * cell:.1f}", ha="center", va="center", fontsize="small", color="white")
+            red, green, blue, _ = image.cmap(image.norm(100 * cell))
+            light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5  # perceived brightness of the cell
+            axes.text(j, i, f"{100 * cell:.1f}", ha="center", va="center", fontsize="small",
+                      color="black" if light else "white")
     figure.colorbar(image, ax=axes, label=value_label)
     return figure
 
