@@ -172,6 +172,10 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     return 0
 
 
+# SynthConfig fields `kdray data synth` takes as --options (the dashed spelling of each).
+SYNTH_OPTIONS = ("rows", "validation_rows", "test_rows", "classes", "groups", "bridges", "dim", "seed", "shards")
+
+
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
@@ -179,8 +183,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     from kdray.data.synth import write_synthetic_dataset
     from kdray.runtime import ray_session
 
-    fields = ("rows", "validation_rows", "test_rows", "classes", "groups", "bridges", "dim", "seed", "shards")
-    values = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    values = {name: getattr(args, name) for name in SYNTH_OPTIONS if getattr(args, name) is not None}
     try:
         synth = SynthConfig(**values)
     except ValidationError as error:
@@ -352,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth = _command(data_commands, "synth", cmd_data_synth,
                      "generate the synthetic many-class dataset with planted confusable groups")
     synth.add_argument("out", help="output dataset directory (path or URI)")
-    for name in ("rows", "validation-rows", "test-rows", "classes", "groups", "bridges", "dim", "seed", "shards"):
-        synth.add_argument(f"--{name}", type=int, dest=name.replace("-", "_"))
+    for name in SYNTH_OPTIONS:
+        synth.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name)
     synth.add_argument("--address", help="Ray cluster address")
     _add_dataset_output(synth)
 

@@ -48,8 +48,8 @@ class SynthConfig(Section):
     group_spread: PositiveFloat = 6.0
     class_spread: PositiveFloat = 1.0
     noise: PositiveFloat = 0.75
-    # Classes placed halfway between their group and the nearest other group, so they are
-    # confusable with both (the last `bridges` class ids): what overlapping specialists are for.
+    # The last `bridges` class ids draw half their rows in the group nearest their own, so they
+    # are confusable with both (kdray.data.synth): what overlapping specialists are for.
     bridges: NonNegativeInt = 0
     seed: int = 0
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -212,11 +213,12 @@ def trial_rows(results, max_epochs: int, rung_epoch: int | None = None) -> list[
 def metrics_at_epoch(result, epoch: int | None) -> dict[str, float | None]:
     """RUNG_METRICS of a Tune Result as reported at `epoch` (None each where it was not)."""
     frame = result.metrics_dataframe if epoch is not None else None
-    if frame is None or "epoch" not in frame:
+    reported = frame[frame["epoch"] == epoch] if frame is not None and "epoch" in frame else []
+    if len(reported) == 0:
         return dict.fromkeys(RUNG_METRICS)
-    reported = frame[frame["epoch"] == epoch]
-    return {name: float(reported[name].iloc[-1]) if name in reported and len(reported) and
-            reported[name].notna().iloc[-1] else None for name in RUNG_METRICS}
+    last = reported.iloc[-1]  # a restored trial may have reported its epoch again
+    values = {name: last.get(name) for name in RUNG_METRICS}
+    return {name: None if value is None or math.isnan(value) else float(value) for name, value in values.items()}
 
 
 def best_trial(rows: Sequence[dict[str, Any]], metric: str) -> dict[str, Any]:
