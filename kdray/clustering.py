@@ -9,8 +9,9 @@
    so a cluster is a set of classes with the same *pattern* of co-variation, whatever each class's
    own variance. Clusters then respect `min_size`/`max_size`, and with
    `memberships > 1` a class also joins up to `memberships - 1` further clusters whose centroid is
-   within a factor (1 + overlap_margin) of its own centroid's distance: the paper's overlapping
-   subsets.
+   within a factor (1 + overlap_margin) of its own centroid's distance and whose classes take at
+   least `overlap_min_share` of its positive co-variation (`covariation_shares`): the paper's
+   overlapping subsets.
 3. Alongside, per-shard Ray tasks re-shard the training split by class (`write_class_index`), so a
    specialist later reads its own classes' files and a prefix-sampled share of the rest's.
 
@@ -172,11 +173,27 @@ def constrained_assignment(distances: np.ndarray, min_size: int, max_size: int |
     return assignment
 
 
+def covariation_shares(covariance: np.ndarray, assignment: np.ndarray, k: int) -> np.ndarray:
+    """[C, K]: the share of class c's positive covariance with the other classes that is with the
+    classes of primary cluster j (rows sum to 1, or 0 for a class that co-varies with none).
+
+    A class the generalist confuses with two groups puts a large share in each; a class confused
+    only within its group puts nearly all of it there, however close its unit-length column (which
+    for a rarely confused class is small, noisy co-variation blown up) lies to other centroids."""
+    positive = np.clip(covariance, 0.0, None)
+    np.fill_diagonal(positive, 0.0)
+    by_cluster = positive @ np.eye(k)[assignment]  # [C, K]: sums over each cluster's classes
+    total = by_cluster.sum(1, keepdims=True)
+    return by_cluster / np.where(total > 0, total, 1.0)
+
+
 def overlapping_subsets(distances: np.ndarray, assignment: np.ndarray, memberships: int, margin: float,
-                        max_size: int | None) -> tuple[tuple[int, ...], ...]:
+                        max_size: int | None, shares: np.ndarray | None = None,
+                        min_share: float = 0.0) -> tuple[tuple[int, ...], ...]:
     """Subsets from the primary assignment, each class also joining up to memberships - 1 more
-    clusters whose distance is at most (1 + margin) times its primary cluster's, nearest (by that
-    ratio) first, while the cluster has fewer than max_size classes."""
+    clusters whose distance is at most (1 + margin) times its primary cluster's and (with shares
+    [C, K] from `covariation_shares`) that hold at least min_share of its co-variation, nearest (by
+    the distance ratio) first, while the cluster has fewer than max_size classes."""
     num_classes, k = distances.shape
     subsets = [set(np.flatnonzero(assignment == j).tolist()) for j in range(k)]
     if memberships > 1:
@@ -184,6 +201,8 @@ def overlapping_subsets(distances: np.ndarray, assignment: np.ndarray, membershi
         own = distances[np.arange(num_classes), assignment]
         ratio = distances / np.maximum(own, 1e-12)[:, None]
         ratio[np.arange(num_classes), assignment] = np.inf
+        if shares is not None:
+            ratio[shares < min_share] = np.inf
         joined = np.ones(num_classes, dtype=int)
         for flat in np.argsort(ratio, axis=None, kind="stable"):
             i, j = divmod(int(flat), k)
@@ -221,7 +240,9 @@ def assign_specialist_subsets(covariance: np.ndarray, config: ClusteringConfig) 
                               config.restarts, config.seed)
     distances = np.sqrt(_squared_distances(points, centroids))
     assignment = constrained_assignment(distances, config.min_size, config.max_size)
-    subsets = overlapping_subsets(distances, assignment, config.memberships, config.overlap_margin, config.max_size)
+    shares = covariation_shares(covariance, assignment, config.num_specialists)
+    subsets = overlapping_subsets(distances, assignment, config.memberships, config.overlap_margin, config.max_size,
+                                  shares, config.overlap_min_share)
     return ClassSubsets(subsets, assignment, distances)
 
 

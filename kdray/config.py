@@ -167,6 +167,11 @@ class ClusteringConfig(Section):
     max_size: PositiveInt | None = None
     memberships: PositiveInt = 1  # >1: a class may join that many subsets (the paper's overlap)
     overlap_margin: NonNegativeFloat = 0.5  # extra subsets within (1 + margin) x the own centroid's distance
+    # ...and holding at least this share of the class's positive co-variation with other classes
+    # (its confusions). 0: distance alone. On jobs/specialists_overlap.yaml distance ratios do not
+    # tell the planted two-group classes (1.13-1.77) from plain ones (1.18-1.68); shares do
+    # (bridges 0.19-0.50, plain classes at most 0.25).
+    overlap_min_share: UnitFloat = 0.0
     batch_size: PositiveInt = 8  # online k-means: columns per update
     epochs: PositiveInt = 20  # online k-means: passes over the columns
     # online k-means: seeds tried, least inertia kept. On jobs/specialists.yaml's covariance (200

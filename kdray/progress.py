@@ -3,8 +3,9 @@
 Ray Train calls a `UserCallback` in each run's controller actor after every `ray.train.report`,
 not in the driver, and the runs of a stage train inside Ray tasks. So the callback forwards rank
 0's metrics to a small board actor; the driver reads the board between waits and draws one bar:
-epochs reported out of epochs planned over all the stage's runs, with the latest epoch's
-validation error. A run resumed from a checkpoint starts at its checkpoint's epoch.
+epochs reported out of epochs planned over all the stage's runs (or, when the runs' epochs differ
+in length, the rows those epochs hold), with the latest epoch's validation error. A run resumed
+from a checkpoint starts at its checkpoint's epoch.
 """
 
 from __future__ import annotations
@@ -63,19 +64,25 @@ def postfix(run: str, metrics: dict[str, Any], epochs: int) -> str:
 class EpochProgress:
     """A bar of epochs trained by the runs named in `epochs` (run name -> planned epochs).
 
+    With `rows` (run name -> rows per epoch) the bar counts rows instead: when one run's epochs
+    are longer than another's (a student on 4 jittered copies of each row beside its baseline on
+    the plain rows), counting epochs would make the ETA far too short once the short run is done.
     Pass `callbacks()` to each run's `fit` and call `refresh()` while waiting (run_bounded's
     `on_wait`). Disabled, it starts no actor and draws nothing."""
 
-    def __init__(self, desc: str, epochs: dict[str, int], enabled: bool = True):
+    def __init__(self, desc: str, epochs: dict[str, int], enabled: bool = True, rows: dict[str, int] | None = None):
         from tqdm.auto import tqdm
 
         self.epochs = dict(epochs)
+        self.weights = {run: 1 for run in self.epochs} if rows is None else {run: rows[run] for run in self.epochs}
         self.board = None
         if enabled and self.epochs:
             import ray
 
             self.board = ray.remote(num_cpus=0)(_Board).remote()
-        self.bar = tqdm(total=sum(self.epochs.values()), desc=desc, unit="epoch", disable=self.board is None)
+        self.bar = tqdm(total=sum(self.epochs[run] * self.weights[run] for run in self.epochs), desc=desc,
+                        unit="epoch" if rows is None else "row", unit_scale=rows is not None,
+                        disable=self.board is None)
 
     def callbacks(self) -> list:
         return [] if self.board is None else [_report_callback_class()(self.board)]
@@ -86,7 +93,8 @@ class EpochProgress:
         import ray
 
         latest, last = ray.get(self.board.read.remote())
-        done = sum(int(metrics.get("epoch", 0)) for run, metrics in latest.items() if run in self.epochs)
+        done = sum(int(metrics.get("epoch", 0)) * self.weights[run] for run, metrics in latest.items()
+                   if run in self.epochs)
         if last in self.epochs:
             self.bar.set_postfix_str(postfix(last, latest[last], self.epochs[last]), refresh=False)
         self.bar.n = done

@@ -57,12 +57,24 @@ def _train_model(config: Config, name: str, spec: FitSpec, dataset_location: str
     fit_and_save(spec, datasets, config.resources, work.uri(), output, name, callbacks)
 
 
+def rows_per_epoch(transfer_summary: dict, train_rows: int, separate_transfer_set: bool) -> dict[str, int]:
+    """What an epoch of the student and of the baseline holds, from the transfer stage's summary:
+    the transfer rows, and the labelled rows they were drawn from (the transfer rows without their
+    jittered copies; with a separate transfer set, that fraction of the training split)."""
+    baseline = round(train_rows * transfer_summary["fraction"]) if separate_transfer_set \
+        else transfer_summary["rows"] // transfer_summary["copies"]
+    return {STUDENT: transfer_summary["rows"], BASELINE: baseline}
+
+
 def _train_models(context: StageContext, specs: dict[str, FitSpec], dataset_location: str) -> None:
     """Train the models not yet saved (an interrupted stage keeps those it finished), as
     concurrent Ray tasks: student and baseline are independent."""
     todo = {name: spec for name, spec in specs.items() if not context.output.exists(name, "model.json")}
     config, transfer = context.config, context.input_output("transfer", "transfer")
-    with EpochProgress("student", {name: spec.train.epochs for name, spec in todo.items()}, context.progress) as bar:
+    rows = rows_per_epoch(context.inputs["transfer"]["summary"], read_manifest(Storage(dataset_location)).rows("train"),
+                          config.distill.transfer.dataset is not None)
+    with EpochProgress("student", {name: spec.train.epochs for name, spec in todo.items()}, context.progress,
+                       rows) as bar:
         train_in_tasks(_train_model, {name: (config, name, spec, dataset_location, transfer, context.output,
                                              context.work) for name, spec in todo.items()},
                        concurrent_fits(config.resources), bar)

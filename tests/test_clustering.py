@@ -8,7 +8,8 @@ from sklearn.metrics import adjusted_rand_score
 from tiny_data import write_blobs
 
 from kdray.clustering import (INDEX_MANIFEST, assign_specialist_subsets, class_file, constrained_assignment,
-                              online_kmeans, plot_covariance, write_class_index)
+                              covariation_shares, online_kmeans, overlapping_subsets, plot_covariance,
+                              write_class_index)
 from kdray.config import ClusteringConfig
 from kdray.data import read_manifest
 from kdray.storage import Storage
@@ -54,7 +55,8 @@ def test_constrained_assignment_takes_nearest_without_binding_bounds():
     assert np.bincount(bounded, minlength=5).min() >= 5 and np.bincount(bounded).max() <= 7
 
 
-def test_a_class_between_two_groups_joins_both_with_memberships():
+@pytest.mark.parametrize("min_share", [0.0, 0.45])
+def test_a_class_between_two_groups_joins_both_with_memberships(min_share):
     groups = np.array([0, 0, 0, 1, 1, 1, -1])
     covariance = block_covariance(groups)
     covariance[6, :6] = covariance[:6, 6] = 0.35  # class 6 co-varies with both groups alike
@@ -62,9 +64,31 @@ def test_a_class_between_two_groups_joins_both_with_memberships():
     single = assign_specialist_subsets(covariance, ClusteringConfig(num_specialists=2, min_size=3))
     assert single.membership().sum(0).tolist() == [1] * 7
     overlapping = assign_specialist_subsets(covariance, ClusteringConfig(num_specialists=2, min_size=3, memberships=2,
-                                                                         overlap_margin=0.5))
+                                                                         overlap_margin=0.5,
+                                                                         overlap_min_share=min_share))
     assert overlapping.membership().sum(0).tolist() == [1] * 6 + [2]
     assert {(0, 1, 2, 6), (3, 4, 5, 6)} == set(overlapping.subsets)
+
+
+def test_covariation_shares_split_each_class_positive_covariance_by_cluster():
+    covariance = np.array([[1.0, 0.3, 0.1, -0.2],
+                           [0.3, 1.0, 0.0, 0.0],
+                           [0.1, 0.0, 1.0, 0.2],
+                           [-0.2, 0.0, 0.2, 1.0]])
+    shares = covariation_shares(covariance, np.array([0, 0, 1, 1]), 2)
+    # Class 0: 0.3 with class 1 (its cluster), 0.1 with class 2, the negative -0.2 ignored.
+    np.testing.assert_allclose(shares, [[0.75, 0.25], [1.0, 0.0], [1 / 3, 2 / 3], [0.0, 1.0]])
+    np.testing.assert_array_equal(covariation_shares(np.eye(3), np.array([0, 1, 1]), 2), np.zeros((3, 2)))
+
+
+def test_min_share_keeps_a_class_out_of_a_near_cluster_it_is_rarely_confused_with():
+    distances = np.array([[1.0, 1.5], [1.0, 1.4], [2.0, 1.0], [2.0, 1.0]])
+    assignment = np.array([0, 0, 1, 1])
+    shares = np.array([[0.6, 0.4], [0.9, 0.1], [0.0, 1.0], [0.0, 1.0]])
+    by_distance = overlapping_subsets(distances, assignment, 2, 0.5, None)
+    assert by_distance == ((0, 1), (0, 1, 2, 3))  # both within 1.5x of their own centroid's distance
+    # Class 1 has only 10% of its co-variation with cluster 1: it stays out; class 0 (40%) joins.
+    assert overlapping_subsets(distances, assignment, 2, 0.5, None, shares, 0.3) == ((0, 1), (0, 2, 3))
 
 
 @pytest.mark.parametrize("options, key", [({"num_specialists": 9}, "num_specialists"),

@@ -63,6 +63,7 @@ def test_overlap_job_plants_classes_two_specialists_should_share():
     synth, clustering = config.data.synth, config.clustering
     assert synth.bridges > 0 and clustering.memberships == 2 and clustering.num_specialists == synth.groups
     assert synth.validation_rows >= 50 * synth.classes
+    assert clustering.overlap_min_share > 0  # by distance alone, easy plain classes join second subsets too
 
 
 def test_benchmark_flags_shrink_the_synthetic_job_to_a_valid_config():

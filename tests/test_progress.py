@@ -12,6 +12,7 @@ from kdray.data.shards import read_split
 from kdray.progress import EpochProgress, postfix, train_in_tasks
 from kdray.runtime import runs_that_fit
 from kdray.storage import Storage
+from kdray.student import rows_per_epoch
 from kdray.train import FitSpec, LossSpec, concurrent_fits, fit
 
 SPEC = FitSpec(ModelSpec("mlp", {"hidden": [8]}, (6,), 4), TrainConfig(epochs=2, batch_size=64, lr=0.01),
@@ -47,6 +48,26 @@ def test_training_tasks_return_in_order_and_the_bar_counts_every_reported_epoch(
     disabled = EpochProgress("off", {"run": 2}, enabled=False)
     assert disabled.callbacks() == [] and disabled.board is None  # no actor, nothing drawn
     disabled.close()
+
+
+def test_runs_with_longer_epochs_weigh_more_when_rows_are_given(ray_local):
+    import ray
+
+    # A student on 4 copies of each row beside its baseline on the plain rows: the baseline done
+    # (its 3 epochs of 100 rows) is 300 of the 1,500 rows to train, not half the epochs.
+    with EpochProgress("student", {"student": 3, "baseline": 3}, rows={"student": 400, "baseline": 100}) as bar:
+        assert bar.bar.total == 1500 and bar.bar.unit == "row"
+        ray.get(bar.board.post.remote("baseline", {"epoch": 3}))
+        ray.get(bar.board.post.remote("student", {"epoch": 1}))
+        bar.refresh()
+        assert bar.bar.n == 300 + 400
+
+
+def test_student_and_baseline_epochs_in_rows():
+    summary = {"rows": 2000, "copies": 4, "fraction": 0.5}
+    assert rows_per_epoch(summary, 1000, separate_transfer_set=False) == {"student": 2000, "baseline": 500}
+    # A separate (unlabeled) transfer set: the baseline still trains on that fraction of train.
+    assert rows_per_epoch(summary, 3000, separate_transfer_set=True) == {"student": 2000, "baseline": 1500}
 
 
 def test_concurrent_runs_leave_a_cpu_for_their_data(ray_local):
