@@ -71,6 +71,13 @@ class ClassSubsets:
                 "distances": np.round(self.distances, 6).tolist()}
 
 
+def positive_covariation(covariance: np.ndarray) -> np.ndarray:
+    """[C, C]: each class's positive covariance with the other classes (negatives and the diagonal 0)."""
+    positive = np.clip(covariance, 0.0, None)
+    np.fill_diagonal(positive, 0.0)
+    return positive
+
+
 def column_features(covariance: np.ndarray) -> np.ndarray:
     """[C, C] covariance -> [C, C] points, one per class: its column's positive co-variation with
     the other classes, scaled to unit L2 norm.
@@ -81,8 +88,7 @@ def column_features(covariance: np.ndarray) -> np.ndarray:
     with classes never predicted alongside it (about -mean_c mean_j, the same small pattern in
     every column). So negatives become 0 and the diagonal takes the column's largest off-diagonal
     entry (it keeps its variance when it co-varies positively with no class)."""
-    features = np.clip(covariance, 0.0, None)
-    np.fill_diagonal(features, 0.0)
+    features = positive_covariation(covariance)
     strongest = features.max(axis=0)
     np.fill_diagonal(features, np.where(strongest > 0, strongest, np.clip(np.diag(covariance), 0.0, None)))
     norms = np.linalg.norm(features, axis=0)
@@ -180,9 +186,7 @@ def covariation_shares(covariance: np.ndarray, assignment: np.ndarray, k: int) -
     A class the generalist confuses with two groups puts a large share in each; a class confused
     only within its group puts nearly all of it there, however close its unit-length column (which
     for a rarely confused class is small, noisy co-variation blown up) lies to other centroids."""
-    positive = np.clip(covariance, 0.0, None)
-    np.fill_diagonal(positive, 0.0)
-    by_cluster = positive @ np.eye(k)[assignment]  # [C, K]: sums over each cluster's classes
+    by_cluster = positive_covariation(covariance) @ np.eye(k)[assignment]  # [C, K]: sums over each cluster's classes
     total = by_cluster.sum(1, keepdims=True)
     return by_cluster / np.where(total > 0, total, 1.0)
 

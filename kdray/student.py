@@ -66,13 +66,12 @@ def rows_per_epoch(transfer_summary: dict, train_rows: int, separate_transfer_se
     return {STUDENT: transfer_summary["rows"], BASELINE: baseline}
 
 
-def _train_models(context: StageContext, specs: dict[str, FitSpec], dataset_location: str) -> None:
+def _train_models(context: StageContext, specs: dict[str, FitSpec], dataset_location: str, train_rows: int) -> None:
     """Train the models not yet saved (an interrupted stage keeps those it finished), as
     concurrent Ray tasks: student and baseline are independent."""
     todo = {name: spec for name, spec in specs.items() if not context.output.exists(name, "model.json")}
     config, transfer = context.config, context.input_output("transfer", "transfer")
-    rows = rows_per_epoch(context.inputs["transfer"]["summary"], read_manifest(Storage(dataset_location)).rows("train"),
-                          config.distill.transfer.dataset is not None)
+    rows = rows_per_epoch(context.inputs["transfer"]["summary"], train_rows, config.distill.transfer.dataset is not None)
     with EpochProgress("student", {name: spec.train.epochs for name, spec in todo.items()}, context.progress,
                        rows) as bar:
         train_in_tasks(_train_model, {name: (config, name, spec, dataset_location, transfer, context.output,
@@ -107,7 +106,7 @@ def run_student(context: StageContext) -> StageResult:
     specs = {STUDENT: student_spec(config, shape, classes, student_loss(config))}
     if config.distill.baseline:
         specs[BASELINE] = student_spec(config, shape, classes, LossSpec("hard"))
-    _train_models(context, specs, dataset_location)
+    _train_models(context, specs, dataset_location, manifest.rows("train"))
     summary = {name: final_metrics(context.output.read_json(name, "history.json")) for name in specs}
     models = {name: {"location": context.output.location, "bundles": [name]} for name in specs}
     if config.distill.bias_correction:
