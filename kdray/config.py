@@ -133,6 +133,9 @@ class TeacherConfig(Section):
     member_data_fraction: OpenUnitFloat = 1.0  # each member sees this random fraction of train
 
 
+MIXUP_FIELDS = ("augment", "mixup_alpha", "mixup_partners")
+
+
 class TransferConfig(Section):
     """Which rows the teacher labels with soft targets."""
 
@@ -141,12 +144,25 @@ class TransferConfig(Section):
     dataset: str | None = None  # a separate (possibly unlabeled) kdray dataset instead of train
     top_k: PositiveInt | None = None  # keep only the top-k logits plus the rest's log-mass
     use_labels: bool = True  # False: the student sees only soft targets
-    # >1: the teacher also labels copies - 1 versions of each row shifted by up to `jitter` pixels
-    # per axis (images only): the student sees its answers on the shifted inputs a jitter-trained
-    # teacher learnt from (on Fashion-MNIST it did not lift a 2x800 MLP: README).
+    # >1: the teacher also labels copies - 1 augmented versions of each row, so the student sees
+    # its answers beyond the training rows themselves (kdray.transfer). `jitter`: each copy shifted
+    # by up to `jitter` pixels per axis (images only; on Fashion-MNIST it did not lift a 2x800 MLP
+    # student of a CNN). `mixup`: each copy an unlabeled blend lam * row + (1 - lam) * partner,
+    # lam ~ Beta(mixup_alpha, mixup_alpha), the partner one of `mixup_partners` transfer rows (any
+    # features): where overfitted ensemble members agree on every training row, they disagree on
+    # blends, and that is what carries an ensemble's gain to one net (README).
     copies: PositiveInt = 1
+    augment: Literal["jitter", "mixup"] = "jitter"
     jitter: PositiveInt = 2
+    mixup_alpha: PositiveFloat = 1.0
+    mixup_partners: PositiveInt = 4096
     seed: int = 0
+
+    def fingerprint_view(self) -> dict[str, Any]:
+        """What the transfer stage's result depends on: the mixup fields only when mixup copies
+        are made, so runs without them keep the fingerprints they had before those fields."""
+        mixup = self.copies > 1 and self.augment == "mixup"
+        return self.model_dump(mode="json", exclude=None if mixup else set(MIXUP_FIELDS))
 
 
 class DistillConfig(Section):

@@ -7,7 +7,12 @@ config key, instead of an hour into a run.
 
 from __future__ import annotations
 
+import math
+
 from kdray.config import Config, ConfigError, ModelConfig
+
+# Mixup partners are held whole by the driver and by every task that makes copies.
+MAX_PARTNER_BYTES = 256 << 20
 
 
 def _model_sections(config: Config) -> dict[str, ModelConfig]:
@@ -44,7 +49,13 @@ def check_config(config: Config) -> None:
     if bad:
         raise ConfigError(f"invalid config: distill.transfer.omit_classes: {bad} not in [0, {num_classes})")
     input_shape = dataset_input_shape(config.data)
-    if config.distill.transfer.copies > 1 and len(input_shape) != 3:
+    transfer = config.distill.transfer
+    if transfer.copies > 1 and transfer.augment == "jitter" and len(input_shape) != 3:
         raise ConfigError(f"invalid config: distill.transfer.copies: jittered copies need images (C, H, W); "
-                          f"the data's feature shape is {tuple(input_shape)}")
+                          f"the data's feature shape is {tuple(input_shape)} (augment: mixup works on any features)")
+    partner_bytes = 4 * transfer.mixup_partners * math.prod(input_shape)
+    if transfer.copies > 1 and transfer.augment == "mixup" and partner_bytes > MAX_PARTNER_BYTES:
+        raise ConfigError(f"invalid config: distill.transfer.mixup_partners: {transfer.mixup_partners} rows of "
+                          f"{math.prod(input_shape)} features take {partner_bytes / 2**20:.0f} MiB, over the "
+                          f"{MAX_PARTNER_BYTES >> 20} MiB every transfer task holds; use fewer")
     check_models(config, input_shape, num_classes)

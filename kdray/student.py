@@ -2,13 +2,16 @@
 transfer shards with the shared loop, then exported.
 
 The student minimises (1 - hard_weight) * T^2 * KL(teacher_T || student_T) + hard_weight * CE(y),
-the hard term on labelled rows only; the baseline has the same architecture and epochs but hard
-labels alone, on the labelled training rows the transfer set was drawn from. Optionally a
-per-class logit bias is fitted on the validation split afterwards (the paper's fix for classes
-missing from the transfer set).
+the hard term on labelled rows only; the baseline has the same architecture and budget but hard
+labels alone, on the labelled training rows the transfer set was drawn from (with K augmented
+copies per row in the transfer set, K times the student's epochs: the same number of updates).
+Optionally a per-class logit bias is fitted on the validation split afterwards (the paper's fix
+for classes missing from the transfer set).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -37,6 +40,14 @@ def student_spec(config: Config, input_shape: tuple[int, ...], num_classes: int,
     student = config.distill.student
     return FitSpec(ModelSpec(student.name, student.options, tuple(input_shape), num_classes),
                    config.distill.train, loss)
+
+
+def baseline_spec(config: Config, input_shape: tuple[int, ...], num_classes: int) -> FitSpec:
+    """The hard-label baseline: the student's model and optimiser, and as many updates as the
+    student gets. Its epochs are the plain rows, the student's hold each row's copies too."""
+    spec = student_spec(config, input_shape, num_classes, LossSpec("hard"))
+    epochs = spec.train.epochs * config.distill.transfer.copies
+    return replace(spec, train=spec.train.model_copy(update={"epochs": epochs}))
 
 
 def _training_rows(config: Config, name: str, dataset_location: str, transfer_location: str):
@@ -105,7 +116,7 @@ def run_student(context: StageContext) -> StageResult:
     shape, classes = manifest.feature_shape, manifest.num_classes
     specs = {STUDENT: student_spec(config, shape, classes, student_loss(config))}
     if config.distill.baseline:
-        specs[BASELINE] = student_spec(config, shape, classes, LossSpec("hard"))
+        specs[BASELINE] = baseline_spec(config, shape, classes)
     _train_models(context, specs, dataset_location, manifest.rows("train"))
     summary = {name: final_metrics(context.output.read_json(name, "history.json")) for name in specs}
     models = {name: {"location": context.output.location, "bundles": [name]} for name in specs}

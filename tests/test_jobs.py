@@ -36,7 +36,9 @@ def test_ensemble_job_distils_ten_members_into_one_of_their_size_and_budget():
     config = _load("jobs/ensemble.yaml")
     teacher, distill = config.teacher, config.distill
     assert teacher.ensemble_size >= 10
-    assert distill.student == teacher.model and distill.train.epochs == teacher.train.epochs
+    # The same model and number of updates: the student's epochs hold each row's copies too.
+    assert distill.student == teacher.model and distill.train.batch_size == teacher.train.batch_size
+    assert distill.train.epochs * distill.transfer.copies == teacher.train.epochs
     assert distill.baseline  # the hard-label single model it is compared with
 
 
@@ -54,7 +56,10 @@ def test_fashion_mnist_job_distils_into_the_papers_unregularised_2x800_student()
     student = config.distill.student
     assert student.name == "mlp" and student.options.get("hidden") == [800, 800]
     assert not student.options.get("dropout") and not student.options.get("jitter")
-    assert config.distill.temperature == 20.0 and config.distill.baseline
+    assert config.distill.baseline
+    # The student sees the teacher between the training rows too, at the baseline's budget.
+    transfer = config.distill.transfer
+    assert transfer.copies > 1 and transfer.augment == "mixup"
 
 
 def test_omit_class_job_leaves_a_class_out_and_corrects_the_bias():

@@ -1,5 +1,6 @@
-"""Jittered copies in the transfer set (distill.transfer.copies): the teacher labels each row and
-copies - 1 shifted versions of it once; the hard-label baseline keeps the plain training rows."""
+"""Augmented copies in the transfer set (distill.transfer.copies): the teacher labels each row and
+copies - 1 shifted versions of it (jitter) or blends with other rows (mixup) once; the hard-label
+baseline keeps the plain training rows."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from kdray.data.shards import DatasetManifest, shard_name, shard_table, write_ma
 from kdray.inference import features
 from kdray.preflight import check_config
 from kdray.storage import Storage
-from kdray.student import BASELINE, _training_rows
-from kdray.transfer import jittered_copies, transfer_rows
+from kdray.student import BASELINE, _training_rows, baseline_spec, student_loss, student_spec
+from kdray.transfer import jittered_copies, mixed_copies, mixup_partners, transfer_rows
 
 SHAPE = (1, 6, 6)
 
@@ -88,7 +89,113 @@ def test_the_transfer_set_has_the_copies_and_the_baseline_the_plain_rows(ray_loc
 def test_copies_of_data_that_are_not_images_are_refused_before_the_run(tmp_path):
     config = config_from_dict({"distill": {"transfer": {"copies": 4}}})  # the synthetic default: flat vectors
     with pytest.raises(ConfigError, match=r"distill\.transfer\.copies: jittered copies need images \(C, H, W\); "
-                                          r"the data's feature shape is \(32,\)"):
+                                          r"the data's feature shape is \(32,\) \(augment: mixup works on any"):
         check_config(config)
+    check_config(config_from_dict({"distill": {"transfer": {"copies": 4, "augment": "mixup"}}}))
     with pytest.raises(ConfigError, match=r"distill\.transfer\.jitter"):
         config_from_dict({"distill": {"transfer": {"copies": 4, "jitter": 0}}})
+
+
+# ------------------------------------------------------------------------------------ mixup
+def _blend_weight(row: np.ndarray, partner: np.ndarray, blend: np.ndarray) -> float | None:
+    """lam if blend == lam * row + (1 - lam) * partner for some lam in [0, 1], else None."""
+    lam = float(np.dot(blend - partner, row - partner) / np.dot(row - partner, row - partner))
+    close = np.allclose(lam * row + (1 - lam) * partner, blend, atol=1e-5)
+    return lam if close and -1e-6 <= lam <= 1 + 1e-6 else None
+
+
+def test_mixed_copies_blend_each_row_with_a_pool_row_and_carry_no_label():
+    table = image_table(50)
+    pool = features(image_table(7, seed=5))
+    out = _by_id(mixed_copies(3, 1.0, pool, seed=4)(table))
+    assert len(out) == 3 * 50
+    weights, partners = [], set()
+    for row_id, (image, label) in _by_id(table).items():
+        assert np.array_equal(out[3 * row_id][0], image) and out[3 * row_id][1] == label  # the row itself
+        for copy in (1, 2):
+            blend, blend_label = out[3 * row_id + copy]
+            assert blend_label == -1  # a blend has no true class: only the teacher's answer
+            found = [(k, w) for k, partner in enumerate(pool)
+                     if (w := _blend_weight(image.ravel(), partner, blend.ravel())) is not None]
+            assert found, f"copy {copy} of row {row_id} is no blend of the row and a pool row"
+            partners.add(found[0][0])
+            weights.append(found[0][1])
+    assert partners == set(range(7))  # 100 draws reach every partner
+    # Beta(1, 1) is uniform on [0, 1]: mean 1/2, a quarter of the draws in each quarter.
+    assert abs(np.mean(weights) - 0.5) < 0.08
+    assert 15 <= sum(w < 0.25 for w in weights) <= 35
+
+
+def test_mixup_alpha_shapes_the_blend_weights():
+    table, pool = image_table(200), features(image_table(5, seed=5))
+    out = _by_id(mixed_copies(2, 0.2, pool, seed=0)(table))
+    weights = []
+    for row_id, (image, _) in _by_id(table).items():
+        blend = out[2 * row_id + 1][0].ravel()
+        weights += [w for partner in pool if (w := _blend_weight(image.ravel(), partner, blend)) is not None][:1]
+    # Beta(0.2, 0.2) piles its mass near 0 and 1: P(0.1 < lam < 0.9) = 0.29.
+    inner = np.mean([(0.1 < w < 0.9) for w in weights])
+    assert len(weights) == 200 and 0.18 < inner < 0.40
+
+
+def test_mixed_copies_do_not_depend_on_batching_and_do_on_the_seed():
+    table, pool = image_table(30), features(image_table(6, seed=5))
+    expand = mixed_copies(4, 1.0, pool, seed=1)
+    whole = _by_id(expand(table))
+    halves = _by_id(pa.concat_tables([expand(table.slice(0, 13)), expand(table.slice(13))]))
+    assert whole.keys() == halves.keys()
+    assert all(np.array_equal(whole[i][0], halves[i][0]) for i in whole)
+    other = _by_id(mixed_copies(4, 1.0, pool, seed=2)(table))
+    assert any(not np.array_equal(other[i][0], whole[i][0]) for i in whole if i % 4)
+
+
+def test_mixup_partners_are_a_fixed_sample_of_the_transfer_rows(ray_local, tmp_path):
+    data = str(tmp_path / "images")
+    write_images(data)
+    train = {int(i): image.ravel() for i, (image, _) in _by_id(pa.concat_tables(
+        [image_table(12, 0), image_table(9, 1, first_id=12)])).items()}
+    rows = transfer_rows(TransferConfig(omit_classes=[2]), data)
+    kept = {int(i) for batch in rows.iter_batches(batch_format="pyarrow") for i in batch.column("id").to_pylist()}
+    pool = mixup_partners(rows, 5, seed=3)
+    assert pool.shape == (5, 36) and pool.dtype == np.float32
+    matches = [[i for i, image in train.items() if np.array_equal(image, partner)] for partner in pool]
+    assert all(len(m) == 1 and m[0] in kept for m in matches)  # transfer rows only: class 2 omitted
+    assert np.array_equal(pool, mixup_partners(rows.repartition(3), 5, seed=3))  # whatever the blocks
+    assert not np.array_equal(pool, mixup_partners(rows, 5, seed=4))
+    assert len(mixup_partners(rows, 1000, seed=3)) == len(kept)  # asked for more than there are: all
+
+
+def test_the_transfer_set_has_mixup_copies_and_the_baseline_the_plain_rows(ray_local, tmp_path):
+    data = str(tmp_path / "images")
+    write_images(data)
+    rows = transfer_rows(TransferConfig(copies=3, augment="mixup", mixup_partners=4), data)
+    labels = {int(i): y for batch in rows.iter_batches(batch_format="pyarrow")
+              for i, y in zip(batch.column("id").to_pylist(), batch.column("y").to_pylist())}
+    assert sorted(labels) == list(range(63))
+    assert all((labels[i] >= 0) == (i % 3 == 0) for i in labels)  # copies 1 and 2 are unlabeled blends
+    config = config_from_dict({"data": {"source": "parquet", "path": data},
+                               "distill": {"transfer": {"copies": 3, "augment": "mixup"}}})
+    assert _training_rows(config, BASELINE, data, "").count() == 21
+
+
+def test_mixup_fields_enter_the_fingerprint_only_when_mixup_copies_are_made():
+    plain, jittered = TransferConfig(), TransferConfig(copies=4)
+    assert "augment" not in plain.fingerprint_view() and "mixup_alpha" not in jittered.fingerprint_view()
+    assert plain.fingerprint_view() == TransferConfig(mixup_alpha=0.3).fingerprint_view()
+    mixup = TransferConfig(copies=4, augment="mixup")
+    assert mixup.fingerprint_view()["augment"] == "mixup"
+    assert mixup.fingerprint_view() != TransferConfig(copies=4, augment="mixup", mixup_alpha=0.3).fingerprint_view()
+
+
+def test_too_many_mixup_partners_are_refused_before_the_run():
+    config = config_from_dict({"distill": {"transfer": {"copies": 2, "augment": "mixup", "mixup_partners": 10**7}}})
+    with pytest.raises(ConfigError, match=r"distill\.transfer\.mixup_partners: 10000000 rows of 32 features"):
+        check_config(config)
+
+
+def test_the_baseline_gets_as_many_updates_as_the_student_on_copies():
+    for copies, epochs in ((1, 5), (4, 20)):
+        config = config_from_dict({"distill": {"train": {"epochs": 5}, "transfer": {"copies": copies, "augment": "mixup"}}})
+        baseline, student = baseline_spec(config, (32,), 40), student_spec(config, (32,), 40, student_loss(config))
+        assert baseline.train.epochs == epochs and student.train.epochs == 5
+        assert baseline.loss.kind == "hard" and baseline.model == student.model
