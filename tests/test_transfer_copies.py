@@ -126,6 +126,19 @@ def test_mixed_copies_blend_each_row_with_a_pool_row_and_carry_no_label():
     assert 15 <= sum(w < 0.25 for w in weights) <= 35
 
 
+def test_each_row_is_followed_by_its_copies():
+    # The trainer shuffles within windows of consecutive rows: each window must mix labelled rows
+    # and their unlabeled blends in proportion, not hold only one kind.
+    table = image_table(20, first_id=5)
+    pool = features(image_table(4, seed=5))
+    for expand in (mixed_copies(4, 1.0, pool, seed=0), jittered_copies(4, 1, SHAPE, seed=0)):
+        out = expand(table)
+        assert out.column("id").to_pylist() == list(range(4 * 5, 4 * 25))
+        assert np.array_equal(features(out)[::4], features(table))
+    labels = mixed_copies(4, 1.0, pool, seed=0)(table).column("y").to_numpy().reshape(20, 4)
+    assert np.array_equal(labels[:, 0], table.column("y").to_numpy()) and (labels[:, 1:] == -1).all()
+
+
 def test_mixup_alpha_shapes_the_blend_weights():
     table, pool = image_table(200), features(image_table(5, seed=5))
     out = _by_id(mixed_copies(2, 0.2, pool, seed=0)(table))
