@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -164,12 +165,18 @@ def _tuner(trainable, sweep: SweepConfig, concurrent_trials: int, storage: Stora
     return tuner
 
 
+# A stopped trial's controller dies asynchronously after Tune returns, and may still be creating
+# its worker group's placement group: the release keeps sweeping for this long.
+RELEASE_SETTLE_SECONDS, RELEASE_POLL_SECONDS = 5.0, 0.5
+
+
 def trial_worker_reservations() -> list[str]:
-    """Ids of live placement groups shaped like a trial's trainer worker: one {CPU: TRIAL_WORKER_CPUS} bundle."""
+    """Ids of placement groups not yet removed (pending, created or rescheduling) shaped like a
+    trial's trainer worker: one {CPU: TRIAL_WORKER_CPUS} bundle."""
     from ray.util import placement_group_table
 
     return [pg_id for pg_id, info in placement_group_table().items()
-            if info["state"] == "CREATED" and list(info["bundles"].values()) == [{"CPU": TRIAL_WORKER_CPUS}]]
+            if info["state"] != "REMOVED" and list(info["bundles"].values()) == [{"CPU": TRIAL_WORKER_CPUS}]]
 
 
 def release_trial_worker_reservations(exclude: set[str]) -> None:
@@ -180,14 +187,22 @@ def release_trial_worker_reservations(exclude: set[str]) -> None:
     the State API answers, which fails whenever another Ray instance runs on the machine (it cannot
     tell which to ask). Left in place, each one keeps a sliver of a CPU, so a later 1-CPU Ray Data
     task next to a 1-CPU actor never fits on a 2-CPU machine. Called when no trial of this sweep is
-    running; `exclude` holds the reservations that existed before it started.
+    running; `exclude` holds the reservations that existed before it started. One still pending
+    when Tune returns (its controller not yet dead) was once left to be created later, and the
+    evaluate stage's Ray Data job then waited forever (CI): pending ones are removed too, and the
+    sweep repeats for RELEASE_SETTLE_SECONDS.
     """
     import ray
     from ray.util import remove_placement_group
     from ray.util.placement_group import PlacementGroup
 
-    for pg_id in set(trial_worker_reservations()) - exclude:
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+    deadline = time.monotonic() + RELEASE_SETTLE_SECONDS
+    while True:
+        for pg_id in set(trial_worker_reservations()) - exclude:
+            remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(pg_id))))
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(RELEASE_POLL_SECONDS)
 
 
 # ------------------------------------------------------------------------------------ the trials table
