@@ -150,7 +150,7 @@ class TransferConfig(Section):
     # student of a CNN). `mixup`: each copy an unlabeled blend lam * row + (1 - lam) * partner,
     # lam ~ Beta(mixup_alpha, mixup_alpha), the partner one of `mixup_partners` transfer rows (any
     # features): where overfitted ensemble members agree on every training row, they disagree on
-    # blends, and that is what carries an ensemble's gain to one net (README).
+    # blends (README: what that was worth, measured over seeds).
     copies: PositiveInt = 1
     augment: Literal["jitter", "mixup"] = "jitter"
     jitter: PositiveInt = 2
