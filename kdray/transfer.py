@@ -60,8 +60,8 @@ def with_copies(batch: pa.Table, copies: int, make_copy) -> pa.Table:
     windows of consecutive rows (kdray.train.shuffle_window), and a window of one kind (all labelled
     rows, or all unlabeled blends) would train in long stretches with and without the hard-label
     term (and every epoch ending on the same kind). On jobs/fashion_mnist.yaml the student recovered
-    0.52 of the teacher-baseline gap with rows interleaved (0.46 over three seeds), 0.22 in blocks
-    (one seed); on jobs/ensemble.yaml the two differ by less than the seeds' spread (README)."""
+    0.52 of the teacher-baseline gap at T = 2 with rows interleaved (0.46 over three seeds), 0.22 in
+    blocks (one seed); on jobs/ensemble.yaml the two differ by less than the seeds' spread (README)."""
     ids = batch.column("id").to_numpy().astype(np.int64)
     x, x_type = features(batch), batch.schema.field("x").type
     versions = []

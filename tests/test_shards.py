@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -205,9 +206,9 @@ def test_non_finite_feature_names_the_shard_and_row(data_context, dataset, capsy
 
 def test_flipped_byte_fails_the_checksum(data_context, dataset, capsys):
     path = dataset.path(BAD_SHARD)
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     data[len(data) // 2] ^= 0xFF
-    open(path, "wb").write(bytes(data))
+    Path(path).write_bytes(bytes(data))
     code, _, err = inspect_cli(dataset.location, capsys)
     assert code == 2
     assert f"shard {path} fails its checksum" in err
@@ -215,8 +216,8 @@ def test_flipped_byte_fails_the_checksum(data_context, dataset, capsys):
 
 def test_truncated_shard_is_named(data_context, dataset, capsys):
     path = dataset.path(BAD_SHARD)
-    data = open(path, "rb").read()
-    open(path, "wb").write(data[: len(data) - 100])
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) - 100])
     code, _, err = inspect_cli(dataset.location, capsys)
     assert code == 2
     assert f"shard {path} is truncated or altered: {len(data) - 100} bytes, manifest says {len(data)}" in err
