@@ -1,10 +1,15 @@
 """Streaming throughput: synthetic Parquet shards through Ray Data's `iter_torch_batches` into a
 training-shaped loop, relative to the same loop over the same arrays held in memory.
 
-    python benchmarks/data_throughput.py [--rows 200000] [--batch-size 256] [--threads 1]
+    python benchmarks/data_throughput.py [--rows 200000] [--batch-size 256] [--threads 1] [--cpu]
 
 Both loops run in this process with the same model, batch size and torch threads, taking turns
 epoch by epoch; the figure is rows/s streamed ÷ rows/s in memory (issue target: >= 0.9 at batch 256).
+The shards are read as kdray reads them (`kdray.data.shards.read_split`, with its
+`kdray.raydata` tuning). `--cpu` (Linux) also prints where each loop's CPU time went, per timed
+epoch: the training thread, this process's other threads, and the local Ray instance's processes
+by name (its worker processes, its actors, raylet, GCS...). On a machine whose cores share their
+execution units (a VM's vCPUs often do) any CPU used beside the loop slows the loop itself.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import os
 import platform
 import tempfile
 import time
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -81,19 +88,96 @@ def load_arrays(storage: Storage) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
 
 
-def interleaved_rates(loops: dict, epochs: int) -> dict[str, float]:
+def interleaved_rates(loops: dict, epochs: int, cpu: dict[str, Counter] | None = None) -> dict[str, float]:
     """Rows per second of each loop (name -> (make_batches(epoch), model, optimizer)) over `epochs`
     epochs, after one warm-up epoch each. The loops take turns epoch by epoch, so that a slow
-    stretch of a shared VM (its two vCPUs are not independent) falls on both, not on one."""
+    stretch of a shared VM (its two vCPUs are not independent) falls on both, not on one. With
+    `cpu` (name -> Counter), each loop's timed epochs add their CPU seconds by consumer to it."""
     seconds, rows = dict.fromkeys(loops, 0.0), dict.fromkeys(loops, 0)
     for name, (make_batches, model, optimizer) in loops.items():
         training_step_loop(make_batches(0), model, optimizer)
     for epoch in range(1, epochs + 1):
         for name, (make_batches, model, optimizer) in loops.items():
+            before = cpu_snapshot() if cpu is not None else None
             started = time.perf_counter()
             rows[name] += training_step_loop(make_batches(epoch), model, optimizer)
             seconds[name] += time.perf_counter() - started
+            if before is not None:
+                cpu[name].update(cpu_used(before, cpu_snapshot()))
     return {name: rows[name] / seconds[name] for name in loops}
+
+
+TRAINING_THREAD, DRIVER_THREADS = "training thread", "this process, other threads"
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_snapshot() -> dict:
+    """CPU seconds (user + system) used so far by this process's training thread, its other
+    threads, and each of its descendants (the local Ray instance: GCS, raylet, workers, actors),
+    keyed by name for the first two and by (pid, name) for the rest. Read from /proc: Linux only."""
+    snapshot = {TRAINING_THREAD: time.thread_time()}
+    snapshot[DRIVER_THREADS] = time.process_time() - snapshot[TRAINING_THREAD]
+    processes = {}  # pid -> (parent pid, name, CPU seconds)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        processes[int(stat.parent.name)] = (int(fields[1]), process_name(command), seconds)
+    for pid, (_, name, seconds) in processes.items():
+        if descends_from(pid, os.getpid(), processes):
+            snapshot[pid, name] = seconds
+    return snapshot
+
+
+def cpu_used(before: dict, after: dict) -> Counter:
+    """CPU seconds by consumer name between two snapshots. A Ray worker's name changes with the
+    task it runs (`ray::IDLE` between tasks): its CPU counts under its name at the end. A process
+    that ended between the two is missed."""
+    started = {key[0] if isinstance(key, tuple) else key: seconds for key, seconds in before.items()}
+    used = Counter()
+    for key, seconds in after.items():
+        pid_or_name, name = key if isinstance(key, tuple) else (key, key)
+        used[name] += seconds - started.get(pid_or_name, 0.0)
+    return used
+
+
+def descends_from(pid: int, ancestor: int, processes: dict[int, tuple]) -> bool:
+    """Whether `ancestor` is among the parents of `pid` (processes: pid -> (parent pid, ...))."""
+    while pid in processes and pid > 1:
+        pid = processes[pid][0]
+        if pid == ancestor:
+            return True
+    return False
+
+
+def process_name(command: list[bytes]) -> str:
+    """`ray::_StatsActor` for a Ray actor or worker (its title, method dropped; `ray::IDLE` for
+    a worker between tasks), else the program (for Python, its script) without its directory."""
+    words = [word.decode(errors="replace") for word in command if word]
+    if not words:
+        return "?"
+    if words[0].startswith("ray::"):
+        return words[0].split(".")[0]
+    program = os.path.basename(words[0])
+    scripts = [os.path.basename(word) for word in words[1:] if word.endswith(".py")]
+    return scripts[0] if program.startswith("python") and scripts else program
+
+
+def print_cpu_breakdown(cpu: dict[str, Counter], epochs: int) -> None:
+    """Each consumer's CPU seconds per timed epoch in both loops, largest difference first."""
+    memory, streamed = cpu["memory"], cpu["streamed"]
+    names = sorted(set(memory) | set(streamed), key=lambda n: abs(streamed[n] - memory[n]), reverse=True)
+    print(f"CPU seconds per timed epoch  {'in memory':>10} {'streamed':>10} {'extra':>8}")
+    for name in names:
+        if max(memory[name], streamed[name]) / epochs >= 0.01:
+            print(f"  {name[:27]:27s} {memory[name] / epochs:10.2f} {streamed[name] / epochs:10.2f} "
+                  f"{(streamed[name] - memory[name]) / epochs:+8.2f}")
+    total = {loop: sum(cpu[loop].values()) / epochs for loop in cpu}
+    print(f"  {'total':27s} {total['memory']:10.2f} {total['streamed']:10.2f} "
+          f"{total['streamed'] - total['memory']:+8.2f}")
 
 
 def main() -> None:
@@ -106,7 +190,10 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads in both loops")
+    parser.add_argument("--cpu", action="store_true", help="where each loop's CPU went (Linux /proc)")
     args = parser.parse_args()
+    if args.cpu and not Path("/proc/self/stat").exists():
+        parser.error("--cpu reads /proc: Linux only")
 
     torch.set_num_threads(args.threads)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -127,11 +214,12 @@ def main() -> None:
             return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         clock = WaitClock()
+        cpu = {"memory": Counter(), "streamed": Counter()} if args.cpu else None
         rates = interleaved_rates({
             "memory": (lambda e: in_memory_batches(x, y, args.batch_size, e), *model_and_optimizer()),
             "streamed": (lambda e: streamed_batches(dataset, args.batch_size, 4 * (args.dim + 1), e, clock),
                          *model_and_optimizer()),
-        }, args.epochs)
+        }, args.epochs, cpu)
         memory, streamed = rates["memory"], rates["streamed"]
     ray.shutdown()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}")
@@ -145,6 +233,8 @@ def main() -> None:
     waiting = sum(clock.epochs[1:]) / args.epochs
     print(f"waiting   : {waiting:12.2f} s per streamed epoch of {args.rows / streamed:.2f} s "
           f"(in memory: {args.rows / memory:.2f} s)")
+    if cpu is not None:
+        print_cpu_breakdown(cpu, args.epochs)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,7 @@ def read_parquet(paths, filesystem, **options):
     reached a Ray Train worker at 1.3-12k rows/s with V2 against 100-130k rows/s with V1 (2-core
     machine). kdray always knows its files and schema from a manifest, so V2's discovery buys
     nothing here. The switch is read when the Dataset is created, so it is flipped only for that.
+    Its executions learn their resource limits at once (kdray.raydata).
     """
     import ray.data
 
@@ -165,10 +166,12 @@ def read_parquet(paths, filesystem, **options):
         # default parallelism, and per-block costs dominate a small model's input pipeline
         # (2.2x the CPU per row streamed, measured on the synthetic shards).
         options.setdefault("override_num_blocks", len(paths))
+    from kdray.raydata import prompt_resource_limits
+
     context = ray.data.DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
-        return ray.data.read_parquet(paths, filesystem=filesystem, **options)
+        return prompt_resource_limits(ray.data.read_parquet(paths, filesystem=filesystem, **options))
     finally:
         context.use_datasource_v2 = previous
 
