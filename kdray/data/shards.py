@@ -161,13 +161,13 @@ def read_parquet(paths, filesystem, **options):
     """
     import ray.data
 
+    from kdray.raydata import prompt_resource_limits
+
     if isinstance(paths, (list, tuple)):
         # One block per shard: Ray would otherwise cut each file into several blocks to reach its
         # default parallelism, and per-block costs dominate a small model's input pipeline
         # (2.2x the CPU per row streamed, measured on the synthetic shards).
         options.setdefault("override_num_blocks", len(paths))
-    from kdray.raydata import prompt_resource_limits
-
     context = ray.data.DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False
     try:
