@@ -32,6 +32,7 @@ from torch import nn
 from kdray.config import SynthConfig
 from kdray.data.shards import read_manifest, read_split
 from kdray.data.synth import write_synthetic_dataset
+from kdray.procfs import descends_from, live_processes
 from kdray.storage import Storage
 from kdray.train import shuffle_window, stream_tensors, window_rows
 
@@ -108,28 +109,25 @@ def interleaved_rates(loops: dict, epochs: int, cpu: dict[str, Counter] | None =
 
 
 TRAINING_THREAD, DRIVER_THREADS = "training thread", "this process, other threads"
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def cpu_snapshot() -> dict:
     """CPU seconds (user + system) used so far by this process's training thread, its other
     threads, and each of its descendants (the local Ray instance: GCS, raylet, workers, actors),
-    keyed by name for the first two and by (pid, name) for the rest. Read from /proc: Linux only."""
+    keyed by name for the first two and by (pid, name) for the rest. Reads /proc: Linux only."""
     snapshot = {TRAINING_THREAD: time.thread_time()}
     snapshot[DRIVER_THREADS] = time.process_time() - snapshot[TRAINING_THREAD]
-    processes = {}  # pid -> (parent pid, name, CPU seconds)
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            command = (stat.parent / "cmdline").read_bytes().split(b"\0")
-        except OSError:  # the process ended meanwhile
-            continue
-        seconds = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-        processes[int(stat.parent.name)] = (int(fields[1]), process_name(command), seconds)
-    for pid, (_, name, seconds) in processes.items():
+    processes = live_processes()
+    for pid, process in processes.items():
         if descends_from(pid, os.getpid(), processes):
-            snapshot[pid, name] = seconds
+            snapshot[pid, consumer(process.name)] = process.cpu_seconds
     return snapshot
+
+
+def consumer(name: str) -> str:
+    """A process's name with a Ray task's method dropped (`ray::_StatsActor.get_stats` ->
+    `ray::_StatsActor`), so that an actor's CPU adds up under one name."""
+    return name.split(".")[0] if name.startswith("ray::") else name
 
 
 def cpu_used(before: dict, after: dict) -> Counter:
@@ -142,28 +140,6 @@ def cpu_used(before: dict, after: dict) -> Counter:
         pid_or_name, name = key if isinstance(key, tuple) else (key, key)
         used[name] += seconds - started.get(pid_or_name, 0.0)
     return used
-
-
-def descends_from(pid: int, ancestor: int, processes: dict[int, tuple]) -> bool:
-    """Whether `ancestor` is among the parents of `pid` (processes: pid -> (parent pid, ...))."""
-    while pid in processes and pid > 1:
-        pid = processes[pid][0]
-        if pid == ancestor:
-            return True
-    return False
-
-
-def process_name(command: list[bytes]) -> str:
-    """`ray::_StatsActor` for a Ray actor or worker (its title, method dropped; `ray::IDLE` for
-    a worker between tasks), else the program (for Python, its script) without its directory."""
-    words = [word.decode(errors="replace") for word in command if word]
-    if not words:
-        return "?"
-    if words[0].startswith("ray::"):
-        return words[0].split(".")[0]
-    program = os.path.basename(words[0])
-    scripts = [os.path.basename(word) for word in words[1:] if word.endswith(".py")]
-    return scripts[0] if program.startswith("python") and scripts else program
 
 
 def print_cpu_breakdown(cpu: dict[str, Counter], epochs: int) -> None:

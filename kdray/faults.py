@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from kdray.pipeline import read_stage_manifest
+from kdray.procfs import live_processes
 from kdray.storage import Storage
 
 T = TypeVar("T")
@@ -53,38 +54,9 @@ class RunFailed(RuntimeError):
 
 
 def session_processes(session: int) -> dict[int, str]:
-    """Live (non-zombie) processes whose session id is `session`, from /proc: pid -> name (the
-    process title Ray gives its processes, e.g. `ray::RayTrainWorker`, else the executable)."""
-    found = {}
-    for stat in glob.glob("/proc/[0-9]*/stat"):
-        try:
-            with open(stat) as file:
-                text = file.read()
-            # "pid (comm) state ppid pgrp session ...": comm may hold spaces and parentheses.
-            fields = text[text.rindex(")") + 2:].split()
-            if int(fields[3]) != session or fields[0] == "Z":
-                continue
-            pid = int(text.split(" ", 1)[0])
-            with open(f"/proc/{pid}/cmdline", "rb") as file:
-                argv = file.read().split(b"\0")
-        except (OSError, ValueError):  # exited while we looked
-            continue
-        found[pid] = _process_name([arg.decode(errors="replace") for arg in argv if arg])
-    return dict(sorted(found.items()))
-
-
-def _process_name(argv: list[str]) -> str:
-    """`ray::Title` for Ray workers, else the program's name; for Python, `python SCRIPT` (or -m/-c ...)."""
-    if not argv:
-        return "?"
-    if argv[0].startswith("ray::") or " " in argv[0]:  # a process title set by Ray or a dashboard module
-        return argv[0].split(" (")[0].strip()
-    name = os.path.basename(argv[0])
-    if not name.startswith("python"):
-        return name
-    rest = [arg for arg in argv[1:] if not arg.startswith("-") or arg in ("-m", "-c")][:2]
-    script = rest[0] if rest and rest[0] not in ("-m", "-c") else " ".join(rest)
-    return f"python {os.path.basename(script)[:40]}".strip()  # python, python3, python3.11: one name
+    """Live (non-zombie) processes whose session id is `session`: pid -> name (the process title
+    Ray gives its processes, e.g. `ray::RayTrainWorker`, else the executable)."""
+    return {pid: process.name for pid, process in live_processes().items() if process.session == session}
 
 
 def _kill(pids) -> None:
