@@ -145,12 +145,12 @@ class TransferConfig(Section):
     top_k: PositiveInt | None = None  # keep only the top-k logits plus the rest's log-mass
     use_labels: bool = True  # False: the student sees only soft targets
     # >1: the teacher also labels copies - 1 augmented versions of each row, so the student sees
-    # its answers beyond the training rows themselves (kdray.transfer). `jitter`: each copy shifted
-    # by up to `jitter` pixels per axis (images only; on Fashion-MNIST it did not lift a 2x800 MLP
-    # student of a CNN). `mixup`: each copy an unlabeled blend lam * row + (1 - lam) * partner,
+    # its answers beyond the training rows themselves, where overfitted ensemble members (which
+    # agree on every training row) disagree (kdray.transfer; README: what each was worth, measured
+    # over seeds). `jitter`: each copy shifted by up to `jitter` pixels per axis (images only;
+    # jobs/ensemble.yaml). `mixup`: each copy an unlabeled blend lam * row + (1 - lam) * partner,
     # lam ~ Beta(mixup_alpha, mixup_alpha), the partner one of `mixup_partners` transfer rows (any
-    # features): where overfitted ensemble members agree on every training row, they disagree on
-    # blends (README: what that was worth, measured over seeds).
+    # features; jobs/fashion_mnist.yaml).
     copies: PositiveInt = 1
     augment: Literal["jitter", "mixup"] = "jitter"
     jitter: PositiveInt = 2
