@@ -8,8 +8,8 @@ reference. Then each fault, measured from what the run wrote:
 
 - a Ray Train worker killed mid-epoch: the teacher's training run again through `kdray.train.fit`
   with `fail_at_epoch=1` (rank 0 exits in the middle of epoch 2) and a callback that logs every
-  report and failure Ray Train sees (this process's Ray polls its workers as in
-  `kdray.faults.FAST_TRAIN_POLL`: with the default 2 s the worker often dies before Ray Train has
+  report and failure Ray Train sees (kdray's runs poll their workers every
+  `kdray.train.TRAIN_POLL_S`: at Ray Train's default 2 s the worker often dies before Ray Train has
   collected epoch 1's report, and the injected fault then strikes again on every retry);
 - a specialist actor killed: one specialist (clustering on the reference's teacher) trained by
   `train_specialists` with `fail_at_epoch=1`;
@@ -53,7 +53,7 @@ from kdray.clustering import CLASS_INDEX, INDEX_MANIFEST, SUBSETS
 from kdray.config import load_config
 from kdray.data import read_manifest, read_split, sample_rows
 from kdray.evaluate import RESULTS
-from kdray.faults import (FAST_TRAIN_POLL, differences, kill_inside_and_between, stage_lines, weight_differences,
+from kdray.faults import (differences, kill_inside_and_between, stage_lines, weight_differences,
                           without_timing)
 from kdray.inference import ModelRef
 from kdray.pipeline import MANIFEST, run_pipeline
@@ -364,13 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     clean = Storage(storage).child("clean")
     started = time.perf_counter()
     try:
-        # The injected worker fault strikes about a second into epoch 2: with Ray Train's default
-        # 2 s poll it often takes epoch 1's unregistered report with it (see FAST_TRAIN_POLL). The
-        # raylet keeps the environment it started with, so the setting stays with this Ray.
-        os.environ.update(FAST_TRAIN_POLL)
         ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-        for name in FAST_TRAIN_POLL:
-            del os.environ[name]
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -32,17 +32,13 @@ from typing import Any, TypeVar
 from kdray.pipeline import read_stage_manifest
 from kdray.procfs import live_processes
 from kdray.storage import Storage
+from kdray.train import TRAIN_POLL_ENV, TRAIN_POLL_S
 
 T = TypeVar("T")
 
 POLL_SECONDS = 0.05
 TIMING_KEYS = ("seconds", "rows_per_second")  # per-epoch history values measured, not computed
 TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the run's checkpoints
-# Ray Train's controller registers a reported checkpoint when it next polls its workers, every 2 s by
-# default, so several fast epochs' checkpoints are registered at once and a worker that dies within
-# the interval takes its report with it. Where a fault must strike between two epochs' checkpoints,
-# this environment makes the controller poll ten times as often.
-FAST_TRAIN_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 # Processes of a local Ray that outlive its killed raylet for a while, then exit on their own (Ray
 # 2.60, measured): the raylet's agents see it die at once but exit only after giving up on the dead
 # GCS, about 60 s later; a worker still starting up gives up on the raylet after about 25 s.
@@ -247,10 +243,12 @@ def kill_inside_and_between(config: str, storage_path: str, run_name: str, logs:
 
     `storage_path` is a local directory (the runs' files are watched there) and `logs` one for the
     three runs' output. Each wait fails (RunFailed, with the run's
-    output) after `timeout` seconds or if the run exits first. The runs' Ray Train polls as in
-    FAST_TRAIN_POLL, so the first kill lands after one epoch's checkpoint, not after a batch of them.
+    output) after `timeout` seconds or if the run exits first. The runs' Ray Train polls every
+    kdray.train.TRAIN_POLL_S whatever this environment says (Ray Train registers a checkpoint when
+    it polls; at its default 2 s several fast epochs' checkpoints would be registered at once), so
+    the first kill lands after one epoch's checkpoint, not after a batch of them.
     """
-    env = {**os.environ, **FAST_TRAIN_POLL}
+    env = {**os.environ, TRAIN_POLL_ENV: str(TRAIN_POLL_S)}
     run_dir = os.path.join(storage_path, run_name)
     logs = Path(logs)
     kills = []

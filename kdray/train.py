@@ -40,6 +40,14 @@ PREFETCH_WINDOWS = 2
 # Tensor types of the columns a training or evaluation stream may carry.
 DTYPES = {"x": torch.float32, "y": torch.int64, TEACHER_LOGITS: torch.float32, TOPK_COLUMNS[0]: torch.float32,
           TOPK_COLUMNS[1]: torch.int64, TOPK_COLUMNS[2]: torch.float32}
+# Ray Train's controller takes the workers' reports when it polls them, every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a worker's `ray.train.report` waits for that
+# poll (its result queue holds one report). So an epoch shorter than the interval waits out the rest
+# of it, and a worker dying within it loses its last report's checkpoint. kdray's epochs on small
+# data take well under a second (the default run's 0.1-1.5 s): its runs poll every TRAIN_POLL_S
+# (the default run took 74 s instead of 110). The controller passes the setting on to the workers.
+TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+TRAIN_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
@@ -272,11 +280,11 @@ def _maybe_fail(spec: FitSpec, epoch: int, rank: int, resumed: bool, batch_index
     # Fault injection for tests: the first attempt's rank 0 dies abruptly in the middle of the
     # epoch, as a preempted or OOM-killed worker would. A resumed attempt never fails again.
     if spec.fail_at_epoch == epoch and rank == 0 and not resumed and batch_index == 1:
-        # The controller collects reports (and so commits checkpoints) when it polls the workers,
-        # every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default); a worker dying sooner after its
-        # report loses that checkpoint. Wait out two polls so the fault tests resume from the
-        # previous epoch's checkpoint, deterministically, however fast the epochs run.
-        time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")) + 0.5)
+        # The controller collects reports (and so commits checkpoints) when it polls the workers
+        # (see TRAIN_POLL_ENV); a worker dying sooner after its report loses that checkpoint. Wait
+        # out two polls so the fault tests resume from the previous epoch's checkpoint,
+        # deterministically, however fast the epochs run.
+        time.sleep(2 * float(os.environ.get(TRAIN_POLL_ENV, "2")) + 0.5)
         os._exit(17)
 
 
@@ -342,6 +350,12 @@ class FitResult:
     metrics: dict[str, Any]
 
 
+def poll_workers_often() -> None:
+    """Have the training runs this process starts poll their workers every TRAIN_POLL_S seconds,
+    unless the environment sets TRAIN_POLL_ENV itself (Ray Train reads it when a run starts)."""
+    os.environ.setdefault(TRAIN_POLL_ENV, str(TRAIN_POLL_S))
+
+
 def use_gpu(resources: ResourcesConfig) -> bool:
     if resources.use_gpu == "auto":
         import ray
@@ -387,6 +401,7 @@ def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, sto
     selected = {"train": datasets["train"].select_columns(spec.loss.columns()),
                 **{name: datasets[name].select_columns(["x", "y"]) for name in evaluated}}
     scaling = scaling_config(resources, num_workers)
+    poll_workers_often()
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"spec": spec, "evaluated": evaluated, "cache_bytes": resources.epoch_cache_mb * 2**20},

@@ -10,14 +10,6 @@ import threading
 import pytest
 import ray
 
-from kdray.faults import FAST_TRAIN_POLL
-
-# Ray Train's controller polls its workers every 2 s by default: each training run ends up to a
-# poll late and a faulted worker waits two polls to have its checkpoint collected (see
-# kdray.train._maybe_fail). The suite runs dozens of short runs; polling every 0.2 s saves minutes.
-# Set before Ray starts, so every Ray process (and every `ray start` a test runs) inherits it.
-for _name, _value in FAST_TRAIN_POLL.items():
-    os.environ.setdefault(_name, _value)
 # Ray fails an object creation that needs spilling once the disk holding its session is 95% full
 # by its count (1 - free / size: this workplace's shared disk reads 72% full with 71 GB free); the
 # suite writes a few hundred MB, so only a truly full disk should fail it.

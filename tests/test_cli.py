@@ -48,7 +48,7 @@ def test_config_show_prints_the_embedded_default_resolved(capsys):
     assert code == 0
     shown = yaml.safe_load(out)
     assert shown["data"]["source"] == "synth" and shown["storage"]["run_name"] == "default"
-    assert shown["distill"]["temperature"] == 4.0  # a default the embedded YAML does not set
+    assert shown["resources"]["epoch_cache_mb"] == 1024  # a default the embedded YAML does not set
     assert config_from_dict(shown) == load_config()
 
 

@@ -1,5 +1,7 @@
 """The shared training loop under a real Ray Train TorchTrainer: DDP, checkpoints, worker faults."""
 
+import json
+import os
 from dataclasses import replace
 
 import pytest
@@ -15,8 +17,11 @@ from kdray.train import (
     SHUFFLE_WINDOW_BYTES,
     EpochCache,
     FitSpec,
+    TRAIN_POLL_ENV,
+    TRAIN_POLL_S,
     LossSpec,
     fit,
+    poll_workers_often,
     row_bytes,
     shuffle_window,
     window_rows,
@@ -60,6 +65,34 @@ def test_resumed_run_equals_uninterrupted_run(ray_local, blobs, tmp_path):
     assert again.history == clean.history
     for name, tensor in clean.state_dict.items():
         assert torch.equal(tensor, again.state_dict[name]), name
+
+
+def _controller_poll_recorder(path: str):
+    """A Ray Train callback that writes, from the run's controller actor, the poll interval that
+    process sees (what Ray Train's controller reads when the run starts)."""
+    from ray.train import UserCallback
+
+    class RecordPoll(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            with open(path, "w") as out:
+                json.dump(os.environ.get(TRAIN_POLL_ENV), out)
+
+    return RecordPoll()
+
+
+def test_runs_poll_their_workers_every_train_poll_s_unless_the_environment_says(ray_local, blobs, tmp_path,
+                                                                                monkeypatch):
+    # The session's Ray was started without the variable, so only kdray can have set it.
+    monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
+    seen = str(tmp_path / "poll.json")
+    datasets = {"train": read_split(blobs, "train"), "validation": read_split(blobs, "validation")}
+    fit(replace(SPEC, train=SPEC.train.model_copy(update={"epochs": 1})), datasets, ResourcesConfig(cpus_per_worker=0.5),
+        str(tmp_path), "poll", callbacks=[_controller_poll_recorder(seen)])
+    with open(seen) as recorded:
+        assert json.load(recorded) == str(TRAIN_POLL_S)
+    monkeypatch.setenv(TRAIN_POLL_ENV, "1.5")  # a user's own setting wins
+    poll_workers_often()
+    assert os.environ[TRAIN_POLL_ENV] == "1.5"
 
 
 def test_shuffle_window_permutes_within_windows_reproducibly():
