@@ -45,7 +45,8 @@ DTYPES = {"x": torch.float32, "y": torch.int64, TEACHER_LOGITS: torch.float32, T
 # poll (its result queue holds one report). So an epoch shorter than the interval waits out the rest
 # of it, and a worker dying within it loses its last report's checkpoint. kdray's epochs on small
 # data take well under a second (the default run's 0.1-1.5 s): its runs poll every TRAIN_POLL_S
-# (the default run took 74 s instead of 110). The controller passes the setting on to the workers.
+# (the default run of 2026-12-04 took 74 s instead of 110). The controller passes the setting on
+# to the workers.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = 0.2
 

@@ -15,10 +15,10 @@ from kdray.storage import Storage
 from kdray.train import (
     SHUFFLE_WINDOW_BATCHES,
     SHUFFLE_WINDOW_BYTES,
-    EpochCache,
-    FitSpec,
     TRAIN_POLL_ENV,
     TRAIN_POLL_S,
+    EpochCache,
+    FitSpec,
     LossSpec,
     fit,
     poll_workers_often,
@@ -38,9 +38,10 @@ def blobs(tmp_path_factory):
     return Storage(location)
 
 
-def _fit(blobs, spec, workers, storage, name):
+def _fit(blobs, spec, workers, storage, name, callbacks=None):
     datasets = {"train": read_split(blobs, "train"), "validation": read_split(blobs, "validation")}
-    return fit(spec, datasets, ResourcesConfig(num_workers=workers, cpus_per_worker=0.5), storage, name)
+    return fit(spec, datasets, ResourcesConfig(num_workers=workers, cpus_per_worker=0.5), storage, name,
+               callbacks=callbacks)
 
 
 def test_ddp_two_workers_survive_a_killed_worker(ray_local, blobs, tmp_path):
@@ -85,9 +86,8 @@ def test_runs_poll_their_workers_every_train_poll_s_unless_the_environment_says(
     # The session's Ray was started without the variable, so only kdray can have set it.
     monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
     seen = str(tmp_path / "poll.json")
-    datasets = {"train": read_split(blobs, "train"), "validation": read_split(blobs, "validation")}
-    fit(replace(SPEC, train=SPEC.train.model_copy(update={"epochs": 1})), datasets, ResourcesConfig(cpus_per_worker=0.5),
-        str(tmp_path), "poll", callbacks=[_controller_poll_recorder(seen)])
+    one_epoch = replace(SPEC, train=SPEC.train.model_copy(update={"epochs": 1}))
+    _fit(blobs, one_epoch, 1, str(tmp_path), "poll", callbacks=[_controller_poll_recorder(seen)])
     with open(seen) as recorded:
         assert json.load(recorded) == str(TRAIN_POLL_S)
     monkeypatch.setenv(TRAIN_POLL_ENV, "1.5")  # a user's own setting wins
