@@ -146,8 +146,8 @@ class TransferConfig(Section):
     use_labels: bool = True  # False: the student sees only soft targets
     # >1: the teacher also labels copies - 1 augmented versions of each row, so the student sees
     # its answers beyond the training rows themselves, where overfitted ensemble members (which
-    # agree on every training row) disagree (kdray.transfer; README: what each was worth, measured
-    # over seeds). `jitter`: each copy shifted by up to `jitter` pixels per axis (images only;
+    # agree on every training row) disagree (kdray.transfer; benchmarks/distillation.md: what each
+    # was worth, measured over seeds). `jitter`: each copy shifted by up to `jitter` pixels per axis (images only;
     # jobs/ensemble.yaml). `mixup`: each copy an unlabeled blend lam * row + (1 - lam) * partner,
     # lam ~ Beta(mixup_alpha, mixup_alpha), the partner one of `mixup_partners` transfer rows (any
     # features; jobs/fashion_mnist.yaml).

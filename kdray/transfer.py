@@ -61,7 +61,8 @@ def with_copies(batch: pa.Table, copies: int, make_copy) -> pa.Table:
     rows, or all unlabeled blends) would train in long stretches with and without the hard-label
     term (and every epoch ending on the same kind). On jobs/fashion_mnist.yaml the student recovered
     0.52 of the teacher-baseline gap at T = 2 with rows interleaved (0.46 over three seeds), 0.22 in
-    blocks (one seed); on jobs/ensemble.yaml the two differ by less than the seeds' spread (README)."""
+    blocks (one seed); on jobs/ensemble.yaml the two differ by less than the seeds' spread
+    (benchmarks/distillation.md)."""
     ids = batch.column("id").to_numpy().astype(np.int64)
     x, x_type = features(batch), batch.schema.field("x").type
     versions = []

@@ -1,9 +1,13 @@
 """data -> teacher -> transfer -> student -> evaluate on a tiny dataset, through the real runner."""
 
+import glob
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from tiny_data import write_blobs
 
 from kdray.artifacts import load_bundle
@@ -77,3 +81,18 @@ def test_student_baseline_and_results(finished_run):
     model, _ = load_bundle(run.child("student"), "student")
     x = torch.randn(5, 6)
     torch.testing.assert_close(exported(x), model(x))
+
+
+def test_distill_results_counts_the_omitted_class_errors_of_each_model(finished_run):
+    config, run, _, _ = finished_run
+    test = pq.read_table(sorted(glob.glob(f"{config.data.path}/test-*.parquet")))
+    x, y = torch.from_numpy(features(test)), test.column("y").to_numpy()
+
+    omitted = load_benchmark("distill_results").run_figures(run)["omitted"]
+
+    assert omitted["test_rows"] == {"3": int((y == 3).sum())}
+    for name in ("student", "student-corrected"):
+        model, _ = load_bundle(run.child("student"), name)
+        with torch.no_grad():
+            wrong = model(x).argmax(1).numpy() != y
+        assert omitted["errors"][name] == {"all": int(wrong.sum()), "3": int(wrong[y == 3].sum())}, name

@@ -1,25 +1,16 @@
 """jobs/specialists*.yaml: the generalist + specialists job configs validate, are sized as the
 paper's experiment needs, say how to run them, and shrink through the benchmark's flags."""
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
+from benchmark_scripts import REPO, load_benchmark
 
 from kdray.clustering import check_clustering_config
 from kdray.config import load_config
 from kdray.preflight import _num_classes, check_config
 
-REPO = Path(__file__).resolve().parent.parent
 JOBS = ["jobs/specialists.yaml", "jobs/specialists_fashion_mnist.yaml", "jobs/specialists_overlap.yaml"]
-
-
-def _benchmark():
-    spec = importlib.util.spec_from_file_location("specialists_benchmark", REPO / "benchmarks" / "specialists.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("job", JOBS)
@@ -67,7 +58,7 @@ def test_overlap_job_plants_classes_two_specialists_should_share():
 
 
 def test_benchmark_flags_shrink_the_synthetic_job_to_a_valid_config():
-    benchmark = _benchmark()
+    benchmark = load_benchmark("specialists")
     args = benchmark.parse_args([str(REPO / JOBS[0]), "--rows", "3000", "--classes", "16", "--specialists", "4",
                                  "--epochs", "1", "--set", "specialists.top_n=2"])
     config = benchmark.benchmark_config(args)
@@ -81,7 +72,7 @@ def test_benchmark_flags_shrink_the_synthetic_job_to_a_valid_config():
 
 
 def test_benchmark_flags_keep_the_overlap_jobs_bridges_per_group():
-    benchmark = _benchmark()
+    benchmark = load_benchmark("specialists")
     args = benchmark.parse_args([str(REPO / JOBS[2]), "--rows", "3000", "--classes", "16", "--specialists", "4"])
     synth = benchmark.benchmark_config(args).data.synth
     assert (synth.classes, synth.groups, synth.bridges) == (16, 4, 4)  # one bridge per group, as in the job
@@ -90,6 +81,6 @@ def test_benchmark_flags_keep_the_overlap_jobs_bridges_per_group():
 
 
 def test_benchmark_refuses_synthetic_sizes_for_fashion_mnist():
-    benchmark = _benchmark()
+    benchmark = load_benchmark("specialists")
     with pytest.raises(SystemExit, match="synthetic"):
         benchmark.benchmark_config(benchmark.parse_args([str(REPO / JOBS[1]), "--rows", "1000"]))
