@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from kdray.evaluate import omitted_class_errors
 from kdray.storage import Storage
 
 RESULTS = "results.json"
@@ -54,26 +55,13 @@ def run_figures(run: Storage) -> dict[str, Any]:
     }
     transfer = run.read_json("transfer", "manifest.json")["summary"]
     if transfer.get("omitted_classes"):
-        figures["omitted"] = omitted_class_errors(test, transfer["omitted_classes"])
+        figures["omitted"] = omitted_class_errors(dict(sorted(test.items())), transfer["omitted_classes"])
     fraction = transfer.get("fraction", 1.0)
     if fraction < 1.0 and {"baseline", "student", "teacher"} <= test.keys():
         figures["small_data"] = {"fraction": fraction, f"hard ({fraction:.0%})": test["baseline"]["accuracy"],
                                  f"soft ({fraction:.0%})": test["student"]["accuracy"],
                                  "full data (teacher)": test["teacher"]["accuracy"]}
     return figures
-
-
-def omitted_class_errors(test: dict[str, dict[str, Any]], omitted: list[int]) -> dict[str, Any]:
-    """Per model, its test errors and those on the rows of each omitted class, from its test
-    confusion matrix (rows: the true class); and each omitted class's number of test rows."""
-    some_model = next(iter(test.values()))
-    return {
-        "test_rows": {str(label): sum(some_model["confusion"][label]) for label in omitted},
-        "errors": {name: {"all": metrics["errors"],
-                          **{str(label): sum(metrics["confusion"][label]) - metrics["confusion"][label][label]
-                             for label in omitted}}
-                   for name, metrics in sorted(test.items())},
-    }
 
 
 def print_figures(figures: dict[str, Any]) -> None:

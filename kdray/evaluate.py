@@ -278,8 +278,12 @@ def evaluate_manifests(run: Storage, manifests: Mapping[str, dict[str, Any]], ba
     # The test split keeps its confusion matrix and calibration bins (for plots); validation its figures.
     models = {name: {"stage": stage, **{split: stats[name][split].to_dict(state=split == "test") for split in splits}}
               for name, (stage, _) in published.items()}
-    return {"dataset": location, "num_classes": manifest.num_classes, "class_names": list(manifest.class_names),
-            "splits": list(splits), "models": models, "derived": derived_figures(models)}
+    results = {"dataset": location, "num_classes": manifest.num_classes, "class_names": list(manifest.class_names),
+               "splits": list(splits), "models": models, "derived": derived_figures(models)}
+    omitted = manifests.get("transfer", {}).get("summary", {}).get("omitted_classes")
+    if omitted:
+        results["omitted_classes"] = omitted_class_errors({name: value["test"] for name, value in models.items()}, omitted)
+    return results
 
 
 def _combined_statistics(rows, model: str, num_classes: int, splits: tuple[str, ...]) -> dict[str, ClassificationStats]:
@@ -306,6 +310,20 @@ def derived_figures(models: Mapping[str, dict[str, Any]]) -> dict[str, float | N
             member_mean = float(np.mean(accuracies[:-2]))
             figures["ensemble_gain_kept"] = defined_or_none(gain_kept(member_mean, accuracies[-2], accuracies[-1]))
     return figures
+
+
+def omitted_class_errors(test: Mapping[str, dict[str, Any]], omitted: Sequence[int]) -> dict[str, Any]:
+    """For classes left out of the transfer set (the paper's omitted 3s): each class's number of test
+    rows, and per model its test errors in all and on each omitted class's rows, read from the test
+    confusion matrices (rows: the true class). Class keys are strings, as JSON has them."""
+    some_model = next(iter(test.values()))
+    return {
+        "test_rows": {str(label): sum(some_model["confusion"][label]) for label in omitted},
+        "errors": {name: {"all": metrics["errors"],
+                          **{str(label): sum(metrics["confusion"][label]) - metrics["confusion"][label][label]
+                             for label in omitted}}
+                   for name, metrics in test.items()},
+    }
 
 
 def headline(results: dict[str, Any]) -> dict[str, Any]:
@@ -364,7 +382,18 @@ def format_results_table(results: dict[str, Any]) -> str:
         lines.append("")
     for name, value in derived.items():
         lines.append(f"{name.replace('_', ' '):<20}{_number(value, 3):>7}   {explanations.get(name, '')}".rstrip())
+    if "omitted_classes" in results:
+        lines.extend(["", *_omitted_lines(results["omitted_classes"], results.get("class_names") or [])])
     return "\n".join(lines)
+
+
+def _omitted_lines(omitted: dict[str, Any], class_names: Sequence[str]) -> list[str]:
+    lines = []
+    for label, rows in omitted["test_rows"].items():
+        name = f" ({class_names[int(label)]})" if int(label) < len(class_names) else ""
+        errors = ", ".join(f"{model} {counts[label]}" for model, counts in omitted["errors"].items())
+        lines.append(f"class {label}{name}, left out of the transfer set: errors on its {rows} test rows: {errors}")
+    return lines
 
 
 def _percent(value: float | None) -> str:

@@ -57,7 +57,8 @@ def pipeline_stages() -> list[Stage]:
         Stage("specialists", _lazy("kdray.specialists:run_specialists"),
               config_keys=tuple(f"specialists.{key}" for key in _SPECIALIST_KEYS),
               depends_on=("data", "teacher", "clustering"), enabled=lambda config: config.clustering.enabled),
-        Stage("evaluate", _lazy("kdray.evaluate:run_evaluate"), config_keys=(), depends_on=("data", "teacher", "student"),
+        Stage("evaluate", _lazy("kdray.evaluate:run_evaluate"), config_keys=(),
+              depends_on=("data", "teacher", "transfer", "student"),
               optional_inputs=("sweep", "specialists")),
         # Reads files the optional stages leave (sweep trials, the clustering figure) when they ran.
         Stage("report", _lazy("kdray.report:run_report"), config_keys=(), depends_on=("evaluate",),

@@ -12,7 +12,7 @@ from tiny_data import write_blobs
 
 from kdray.artifacts import load_bundle
 from kdray.config import config_from_dict
-from kdray.evaluate import RESULTS
+from kdray.evaluate import RESULTS, format_results_table
 from kdray.inference import features
 from kdray.pipeline import run_pipeline
 from kdray.stages import pipeline_stages
@@ -83,12 +83,13 @@ def test_student_baseline_and_results(finished_run):
     torch.testing.assert_close(exported(x), model(x))
 
 
-def test_distill_results_counts_the_omitted_class_errors_of_each_model(finished_run):
+def test_errors_on_the_omitted_class_are_counted_for_each_model(finished_run):
     config, run, _, _ = finished_run
     test = pq.read_table(sorted(glob.glob(f"{config.data.path}/test-*.parquet")))
     x, y = torch.from_numpy(features(test)), test.column("y").to_numpy()
+    results = run.read_json(RESULTS)
 
-    omitted = load_benchmark("distill_results").run_figures(run)["omitted"]
+    omitted = results["omitted_classes"]
 
     assert omitted["test_rows"] == {"3": int((y == 3).sum())}
     for name in ("student", "student-corrected"):
@@ -96,3 +97,7 @@ def test_distill_results_counts_the_omitted_class_errors_of_each_model(finished_
         with torch.no_grad():
             wrong = model(x).argmax(1).numpy() != y
         assert omitted["errors"][name] == {"all": int(wrong.sum()), "3": int(wrong[y == 3].sum())}, name
+    assert load_benchmark("distill_results").run_figures(run)["omitted"]["errors"] == omitted["errors"]
+    student = omitted["errors"]["student"]["3"]
+    assert (f"class 3 (c3), left out of the transfer set: errors on its {(y == 3).sum()} test rows: "
+            in format_results_table(results)) and f"student {student}" in format_results_table(results)
