@@ -147,10 +147,10 @@ class TransferConfig(Section):
     # >1: the teacher also labels copies - 1 augmented versions of each row, so the student sees
     # its answers beyond the training rows themselves, where overfitted ensemble members (which
     # agree on every training row) disagree (kdray.transfer; benchmarks/distillation.md: what each
-    # was worth, measured over seeds). `jitter`: each copy shifted by up to `jitter` pixels per axis (images only;
-    # jobs/ensemble.yaml). `mixup`: each copy an unlabeled blend lam * row + (1 - lam) * partner,
-    # lam ~ Beta(mixup_alpha, mixup_alpha), the partner one of `mixup_partners` transfer rows (any
-    # features; jobs/fashion_mnist.yaml).
+    # was worth, measured over seeds). `jitter`: each copy shifted by up to `jitter` pixels per
+    # axis (images only; jobs/ensemble.yaml). `mixup`: each copy an unlabeled blend
+    # lam * row + (1 - lam) * partner, lam ~ Beta(mixup_alpha, mixup_alpha), the partner one of
+    # `mixup_partners` transfer rows (any features; jobs/fashion_mnist.yaml).
     copies: PositiveInt = 1
     augment: Literal["jitter", "mixup"] = "jitter"
     jitter: PositiveInt = 2

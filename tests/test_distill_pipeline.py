@@ -98,6 +98,6 @@ def test_errors_on_the_omitted_class_are_counted_for_each_model(finished_run):
             wrong = model(x).argmax(1).numpy() != y
         assert omitted["errors"][name] == {"all": int(wrong.sum()), "3": int(wrong[y == 3].sum())}, name
     assert load_benchmark("distill_results").run_figures(run)["omitted"]["errors"] == omitted["errors"]
-    student = omitted["errors"]["student"]["3"]
-    assert (f"class 3 (c3), left out of the transfer set: errors on its {(y == 3).sum()} test rows: "
-            in format_results_table(results)) and f"student {student}" in format_results_table(results)
+    table = format_results_table(results)
+    assert f"class 3 (c3), left out of the transfer set: errors on its {(y == 3).sum()} test rows: " in table
+    assert f"student {omitted['errors']['student']['3']}," in table

@@ -38,8 +38,8 @@ def test_ensemble_job_distils_ten_members_into_one_of_their_size_beside_a_baseli
     assert teacher.ensemble_size >= 10
     assert distill.student == teacher.model and distill.train.batch_size == teacher.train.batch_size
     # Twice the members' updates (the student's epochs hold each row's copies too): at their
-    # budget it was still learning (benchmarks/distillation.md). Its hard-label baseline gets the same updates, so the
-    # longer schedule is also measured without the ensemble.
+    # budget it was still learning (benchmarks/distillation.md). Its hard-label baseline gets the
+    # same updates, so the longer schedule is also measured without the ensemble.
     assert distill.train.epochs * distill.transfer.copies == 2 * teacher.train.epochs
     assert distill.baseline
 
