@@ -15,7 +15,7 @@ figures that apply:
   accuracy of hard labels vs soft targets on that fraction, next to the full-data teacher
   (paper, speech, 3% of the data: 44.5% hard vs 57.0% soft vs 58.9% full data);
 - for a run whose transfer set omits classes (jobs/omit_class.yaml): each model's test errors and
-  how many of them fall on the omitted classes' test rows, read from the test confusion matrices
+  how many of them fall on the omitted classes' test rows, as the evaluate stage counted them
   (paper, MNIST, the 3s omitted: the student 206 errors, 133 of them on the 1,010 threes; with the
   3s' bias raised, 109 and 14).
 
@@ -32,7 +32,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdray.evaluate import omitted_class_errors
 from kdray.storage import Storage
 
 RESULTS = "results.json"
@@ -53,10 +52,9 @@ def run_figures(run: Storage) -> dict[str, Any]:
         "test_error": {name: metrics["error_rate"] for name, metrics in sorted(test.items())},
         "derived": results["derived"],
     }
-    transfer = run.read_json("transfer", "manifest.json")["summary"]
-    if transfer.get("omitted_classes"):
-        figures["omitted"] = omitted_class_errors(dict(sorted(test.items())), transfer["omitted_classes"])
-    fraction = transfer.get("fraction", 1.0)
+    if "omitted_classes" in results:  # written by the evaluate stage (kdray.evaluate.omitted_class_errors)
+        figures["omitted"] = results["omitted_classes"]
+    fraction = run.read_json("transfer", "manifest.json")["summary"].get("fraction", 1.0)
     if fraction < 1.0 and {"baseline", "student", "teacher"} <= test.keys():
         figures["small_data"] = {"fraction": fraction, f"hard ({fraction:.0%})": test["baseline"]["accuracy"],
                                  f"soft ({fraction:.0%})": test["student"]["accuracy"],
