@@ -56,7 +56,7 @@ from kdray.evaluate import RESULTS
 from kdray.faults import (differences, kill_inside_and_between, stage_lines, weight_differences,
                           without_timing)
 from kdray.inference import ModelRef
-from kdray.pipeline import MANIFEST, run_pipeline
+from kdray.pipeline import MANIFEST, read_stage_manifest, run_pipeline
 from kdray.specialists import FAILED_ONCE, HISTORY, epoch_rows, specialist_jobs, train_specialists
 from kdray.stages import pipeline_stages, stages_for
 from kdray.storage import Storage
@@ -116,7 +116,7 @@ class TrainEvents(UserCallback):
 
 def worker_fault(config, clean: Storage, scratch: Path) -> dict:
     """The reference teacher's training again, its rank-0 worker killed mid-epoch 2."""
-    dataset = Storage(clean.read_json("data", MANIFEST)["outputs"]["dataset"])
+    dataset = Storage(read_stage_manifest(clean, "data")["outputs"]["dataset"])
     manifest = read_manifest(dataset)
     spec = replace(member_spec(config, manifest.feature_shape, manifest.num_classes, 0), fail_at_epoch=1)
     train = sample_rows(read_split(dataset, "train", manifest), config.teacher.member_data_fraction, seed=0)
@@ -258,7 +258,7 @@ def driver_faults(config_path: str, storage: str, clean: Storage, scratch: Path,
 # ------------------------------------------------------------------------------------ refused faults
 def truncated_shard(config_path: str, clean: Storage, scratch: Path) -> dict:
     """A dataset copy with 100 bytes cut off one training shard, run through the data stage."""
-    dataset = Storage(clean.read_json("data", MANIFEST)["outputs"]["dataset"])
+    dataset = Storage(read_stage_manifest(clean, "data")["outputs"]["dataset"])
     copy = scratch / "truncated-dataset"
     shutil.copytree(dataset.location, copy)
     shard = next(s for s in read_manifest(Storage(str(copy))).shards if s.split == "train")

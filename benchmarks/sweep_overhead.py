@@ -28,7 +28,7 @@ import torch
 
 from kdray.config import load_config
 from kdray.data import read_manifest
-from kdray.pipeline import run_pipeline
+from kdray.pipeline import read_stage_manifest, run_pipeline
 from kdray.stages import stages_for
 from kdray.storage import Storage
 from kdray.sweep import TRIAL_WORKER_CPUS, TrialSetup, run_tune, sweep_spec, trial_datasets, trial_spec
@@ -46,11 +46,11 @@ def prepared_run(root: str, rows: int):
 
 
 def trial_setup(config, run: Storage, epochs: int, storage: str) -> TrialSetup:
-    dataset = run.read_json("data", "manifest.json")["outputs"]["dataset"]
+    dataset = read_stage_manifest(run, "data")["outputs"]["dataset"]
     manifest = read_manifest(Storage(dataset))
     config = config.model_copy(update={"sweep": config.sweep.model_copy(update={"max_epochs": epochs})})
     return TrialSetup(sweep_spec(config, manifest.feature_shape, manifest.num_classes),
-                      run.read_json("transfer", "manifest.json")["outputs"]["transfer"], dataset,
+                      read_stage_manifest(run, "transfer")["outputs"]["transfer"], dataset,
                       config.resources.model_copy(update={"cpus_per_worker": TRIAL_WORKER_CPUS}), storage)
 
 

@@ -65,6 +65,11 @@ token is RAY_AUTH_TOKEN, else ~/.ray/auth_token (created by the first start). Cl
 
   kdray submit CONFIG --address http://$HOST:$DASHBOARD_PORT
   ray job submit --address http://$HOST:$DASHBOARD_PORT --working-dir . -- python -m kdray run CONFIG
+
+A driver on this machine joins the cluster by its GCS address instead (kdray run, sweep, evaluate,
+predict, data synth and data inspect take it):
+
+  kdray run CONFIG --address $HOST:$RAY_PORT
 EOF
 }
 
@@ -88,10 +93,16 @@ alive() { [[ -f "$1" ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
 # Whether process group $1 has a running member (zombies, dead but not yet reaped, do not count).
 group_running() { ps -A -o pgid=,stat= | awk -v group="$1" '$1 == group && $2 !~ /^Z/ {found = 1} END {exit !found}'; }
 
+# Whoever reads the token can run code on the cluster, and Ray writes it with the caller's umask
+# (readable by every user by default): generated under umask 077, and any token file made 0600.
 ensure_token() {
+    local token_file="${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}"
     if [[ "$RAY_AUTH_MODE" == token && -z "${RAY_AUTH_TOKEN:-}" && -z "${RAY_AUTH_TOKEN_PATH:-}" \
-          && ! -s "$HOME/.ray/auth_token" ]]; then
-        "$RAY" get-auth-token --generate >/dev/null
+          && ! -s "$token_file" ]]; then
+        (umask 077 && "$RAY" get-auth-token --generate >/dev/null)
+    fi
+    if [[ -f "$token_file" ]]; then
+        chmod 600 "$token_file"
     fi
 }
 

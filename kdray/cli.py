@@ -16,12 +16,15 @@ class CommandError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    from kdray.artifacts import BundleError
     from kdray.config import ConfigError
     from kdray.data.shards import DatasetError
+    from kdray.evaluate import RunError
+    from kdray.runtime import ClusterError
     from kdray.storage import StorageError
     from kdray.submit import SubmitError
 
-    return (CommandError, ConfigError, DatasetError, StorageError, SubmitError)
+    return (CommandError, BundleError, ClusterError, ConfigError, DatasetError, RunError, StorageError, SubmitError)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -44,9 +47,12 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_storage(config):
+    from kdray.pipeline import check_run_directory
     from kdray.storage import Storage
 
     run = Storage(config.storage.storage_path).child(config.storage.run_name)
+    inputs = {"data.path": config.data.path, "distill.transfer.dataset": config.distill.transfer.dataset}
+    check_run_directory(run, {key: Storage(value) for key, value in inputs.items() if value})
     run.check_writable()
     return run
 
@@ -120,14 +126,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from kdray.evaluate import RunError
     from kdray.report import write_report
     from kdray.storage import Storage
 
-    try:
-        page = write_report(Storage(args.run_dir))
-    except RunError as error:
-        raise CommandError(str(error)) from None
+    page = write_report(Storage(args.run_dir))
     print(f"[kdray] wrote {page}")
     return 0
 
@@ -190,50 +192,67 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         problems = "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-') or 'options'}: "
                              f"{e['msg'].removeprefix('Value error, ')}" for e in error.errors())
         raise CommandError(problems) from None
-    output = _fresh_output(args.out, args.overwrite)
-    with ray_session(args.address):
-        manifest = write_synthetic_dataset(output, synth, progress=True)
+    output = _dataset_output(args.out, args.overwrite)
+    with ray_session(args.address), _staged_dataset(output) as staging:
+        manifest = write_synthetic_dataset(staging, synth, progress=True)
     print(f"wrote {manifest.rows()} rows in {len(manifest.shards)} shards to {output.location}")
     return 0
 
 
-def _fresh_output(location: str, overwrite: bool):
-    from kdray.data.shards import MANIFEST
-    from kdray.storage import Storage
+def _dataset_output(location: str, overwrite: bool, source: str | None = None):
+    """The dataset directory a command writes, checked before any work: an empty or new one, or a
+    kdray dataset with --overwrite, and never the source it reads."""
+    from kdray.data.shards import FORMAT, MANIFEST
+    from kdray.storage import Storage, check_replaceable
 
     output = Storage(location)
-    if output.exists(MANIFEST) and not overwrite:
-        raise CommandError(f"{output.uri(MANIFEST)} exists; pass --overwrite to replace the dataset")
-    output.delete()
-    output.check_writable()
+    def is_dataset(manifest) -> bool:
+        return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+    check_replaceable(output, "dataset", MANIFEST, is_dataset, overwrite, {"source": Storage(source)} if source else None)
     return output
 
 
-def cmd_data_import_idx(args: argparse.Namespace) -> int:
-    from kdray.data.idx import import_idx
+def _staged_dataset(output):
+    """A new directory beside `output` that replaces it once the dataset written there is complete."""
+    from kdray.data.shards import MANIFEST
+    from kdray.storage import staged_output
 
-    output = _fresh_output(args.out, args.overwrite)
-    manifest = import_idx(args.src, output, validation_fraction=args.validation_fraction,
-                          rows_per_shard=args.rows_per_shard, seed=args.seed, name=args.name)
+    return staged_output(output, MANIFEST)
+
+
+def cmd_data_import_idx(args: argparse.Namespace) -> int:
+    from kdray.data.idx import check_idx_source, import_idx
+
+    output = _dataset_output(args.out, args.overwrite, args.src)
+    check_idx_source(args.src, validation_fraction=args.validation_fraction, rows_per_shard=args.rows_per_shard,
+                     seed=args.seed, name=args.name)  # every file read through before anything is written
+    with _staged_dataset(output) as staging:
+        manifest = import_idx(args.src, staging, validation_fraction=args.validation_fraction,
+                              rows_per_shard=args.rows_per_shard, seed=args.seed, name=args.name)
     print(f"imported {manifest.rows()} rows in {len(manifest.shards)} shards to {output.location}")
     return 0
 
 
 def cmd_data_fetch(args: argparse.Namespace) -> int:
-    from kdray.data.idx import fetch
+    from kdray.data.idx import check_idx_options, fetch
 
-    output = _fresh_output(args.out, args.overwrite)
-    manifest = fetch(args.name, output, source=args.source, validation_fraction=args.validation_fraction,
-                     rows_per_shard=args.rows_per_shard, seed=args.seed)
+    check_idx_options(validation_fraction=args.validation_fraction, rows_per_shard=args.rows_per_shard, seed=args.seed)
+    output = _dataset_output(args.out, args.overwrite, args.source)
+    with _staged_dataset(output) as staging:
+        manifest = fetch(args.name, staging, source=args.source, validation_fraction=args.validation_fraction,
+                         rows_per_shard=args.rows_per_shard, seed=args.seed)
     print(f"fetched {args.name}: {manifest.rows()} rows in {len(manifest.shards)} shards at {output.location}")
     return 0
 
 
 def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from kdray.data.shards import read_manifest
     from kdray.data.validate import inspect_dataset
     from kdray.runtime import ray_session
     from kdray.storage import Storage
 
+    read_manifest(Storage(args.dir))  # a missing or malformed manifest fails before Ray starts
     with ray_session(args.address):
         report = inspect_dataset(Storage(args.dir), progress=True)
     manifest = report.manifest
@@ -258,34 +277,32 @@ def _print_histogram(counts, manifest) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from kdray.evaluate import RESULTS, RunError, evaluate_run, format_results_table, run_manifests
+    from kdray.evaluate import RESULTS, check_run_models, evaluate_run, format_results_table, run_manifests
     from kdray.runtime import ray_session
     from kdray.storage import Storage
 
-    try:
-        run_manifests(Storage(args.run_dir))  # a wrong directory fails before Ray starts
-        with ray_session(args.address):
-            results = evaluate_run(args.run_dir)
-    except RunError as error:
-        raise CommandError(str(error)) from None
+    run = Storage(args.run_dir)  # a wrong directory or a bad bundle fails before Ray starts
+    trusted = check_run_models(run, run_manifests(run), args.trust_code)
+    with ray_session(args.address):
+        results = evaluate_run(args.run_dir, trusted=trusted)
     print(format_results_table(results))
     print(f"\n[kdray] wrote {Storage(args.run_dir).uri(RESULTS)}")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from kdray.evaluate import RunError, run_manifests
-    from kdray.predict import PREDICTIONS, find_model, predict
+    from kdray.evaluate import check_run_models, run_manifests
+    from kdray.predict import PREDICTIONS, check_output, find_model, predict
     from kdray.runtime import ray_session
     from kdray.storage import Storage
 
-    try:
-        run = Storage(args.run_dir)
-        find_model(run, run_manifests(run), args.model)  # an unknown model fails before Ray starts
-        with ray_session(args.address):
-            rows = predict(args.run_dir, args.data, args.out, model=args.model)
-    except RunError as error:
-        raise CommandError(str(error)) from None
+    # An unknown model, a bad bundle or an output that would replace something fails before Ray starts.
+    run, manifests = Storage(args.run_dir), run_manifests(Storage(args.run_dir))
+    check_output(run, Storage(args.data), Storage(args.out))
+    find_model(run, manifests, args.model)
+    trusted = check_run_models(run, manifests, args.trust_code, models=[args.model])
+    with ray_session(args.address):
+        rows = predict(args.run_dir, args.data, args.out, model=args.model, trusted=trusted)
     print(f"wrote {rows} predictions of {args.model} to {args.out} (see {PREDICTIONS})")
     return 0
 
@@ -295,6 +312,12 @@ def _command(subparsers, name: str, handler: Callable, help_text: str) -> argpar
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     parser.set_defaults(handler=handler)
     return parser
+
+
+def _add_trust_code(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--trust-code", action="store_true",
+                        help="let the run's models import the 'package.module:factory' paths their model.json "
+                        "files name (that runs their code: only for runs you trust)")
 
 
 def _add_dataset_output(parser: argparse.ArgumentParser) -> None:
@@ -383,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluate a run's models on its test split; write RUN_DIR/results.json and print the table")
     evaluate.add_argument("run_dir", help="the run directory, STORAGE_PATH/RUN_NAME (path or URI)")
     evaluate.add_argument("--address", help="Ray cluster address")
+    _add_trust_code(evaluate)
 
     report = _command(commands, "report", cmd_report,
                       "write RUN_DIR/report/index.html: results, learning curves, confusion matrices, sweep heatmaps")
@@ -394,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("out", help="output directory: shards/*.parquet and predictions.json")
     predict.add_argument("--model", default="student", help="which of the run's models (default: student)")
     predict.add_argument("--address", help="Ray cluster address")
+    _add_trust_code(predict)
     return parser
 
 

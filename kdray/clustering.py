@@ -371,7 +371,7 @@ def run_clustering(context: StageContext) -> StageResult:
     storage = Storage(dataset)
     manifest = read_manifest(storage)
     check_clustering_config(config, manifest.num_classes)
-    generalist = ModelRef(**context.input_output("teacher", "teacher"))
+    generalist = context.model_ref("teacher", "teacher")
     covariance, rows = prediction_covariance(generalist, storage, manifest)
     pending = _assign_task.remote(ray.put(covariance), config)
     counts = write_class_index(dataset, output.child(CLASS_INDEX), context.progress)

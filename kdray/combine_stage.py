@@ -51,11 +51,12 @@ class CombinedModel:
     top_n: int
 
     @classmethod
-    def from_entry(cls, entry: dict[str, Any]) -> CombinedModel:
-        """From the specialists stage's outputs["models"]["generalist+specialists"] entry."""
+    def from_entry(cls, entry: dict[str, Any], trusted: tuple[str, ...] = ()) -> CombinedModel:
+        """From the specialists stage's outputs["models"]["generalist+specialists"] entry; its
+        bundles may name the factories in `trusted`."""
         generalist = entry["generalist"]
-        return cls(ModelRef(generalist["location"], tuple(generalist["bundles"])),
-                   ModelRef(entry["location"], tuple(entry["bundles"])), int(entry["top_n"]))
+        return cls(ModelRef(generalist["location"], tuple(generalist["bundles"]), trusted),
+                   ModelRef(entry["location"], tuple(entry["bundles"]), trusted), int(entry["top_n"]))
 
 
 class SpecialistCombiner:
@@ -68,11 +69,12 @@ class SpecialistCombiner:
                  extra: dict[str, ModelRef] | None = None):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         generalist = Storage(model.generalist.location)
-        self.generalists = [load_bundle(generalist, b, self.device)[0] for b in model.generalist.bundles]
+        trusted = model.generalist.trusted
+        self.generalists = [load_bundle(generalist, b, self.device, trusted)[0] for b in model.generalist.bundles]
         storage = Storage(model.specialists.location)
         self.specialists, self.classes = [], []
         for bundle in model.specialists.bundles:
-            net, spec = load_bundle(storage, bundle, self.device)
+            net, spec = load_bundle(storage, bundle, self.device, model.specialists.trusted)
             self.specialists.append(net)
             self.classes.append(torch.tensor(spec.extra["classes"], dtype=torch.int64, device=self.device))
         num_classes = load_spec(generalist, model.generalist.bundles[0]).num_outputs
@@ -129,13 +131,14 @@ def map_combined(dataset, model: CombinedModel, output_column: str = "logits", d
         num_gpus=num_gpus)
 
 
-def combined_logits(dataset, run: Storage, manifest: dict, model: str, batch_size: int = 2048):
+def combined_logits(dataset, run: Storage, manifest: dict, model: str, batch_size: int = 2048,
+                    trusted: tuple[str, ...] = ()):
     """kdray.evaluate.COMBINERS["specialists"]: the lazy `dataset` plus "logits" for one of the
     specialists stage's models (the combination, or the plain distilled net)."""
     entry = manifest["outputs"]["models"][model]
     if "generalist" not in entry:
-        return map_logits(dataset, ModelRef(entry["location"], tuple(entry["bundles"])), batch_size=batch_size)
-    return map_combined(dataset, CombinedModel.from_entry(entry), batch_size=batch_size)
+        return map_logits(dataset, ModelRef(entry["location"], tuple(entry["bundles"]), trusted), batch_size=batch_size)
+    return map_combined(dataset, CombinedModel.from_entry(entry, trusted), batch_size=batch_size)
 
 
 # ------------------------------------------------------------------------------------ distil back
@@ -147,9 +150,10 @@ def distill_back(context: StageContext, combined_entry: dict, dataset: str) -> d
 
     config, output = context.config.specialists, context.output
     if not output.exists(DISTILLED, "model.json"):
-        combined = CombinedModel.from_entry(combined_entry)
+        combined = CombinedModel.from_entry(combined_entry, context.config.model_factories())
         transfer = _combined_transfer(output, combined, dataset)
-        generalist, spec = load_bundle(Storage(combined.generalist.location), combined.generalist.bundles[0])
+        generalist, spec = load_bundle(Storage(combined.generalist.location), combined.generalist.bundles[0],
+                                       trusted=combined.generalist.trusted)
         model = ModelSpec(spec.name, spec.options, spec.input_shape, spec.num_outputs)
         fit_spec = FitSpec(model, config.distill_train, LossSpec("distill", config.temperature, config.distill_hard_weight),
                            init_weights=generalist.state_dict())
@@ -254,9 +258,10 @@ def write_tables(context: StageContext, models: dict[str, dict], dataset: str, s
     for m, classes in enumerate(subsets):
         membership[m, classes] = True
     rows = read_split(storage, "test", manifest).select_columns(["x", "y"])
-    extra = {DISTILLED_COLUMN: ModelRef(models[DISTILLED]["location"], tuple(models[DISTILLED]["bundles"]))} \
+    trusted = context.config.model_factories()
+    extra = {DISTILLED_COLUMN: ModelRef(models[DISTILLED]["location"], tuple(models[DISTILLED]["bundles"]), trusted)} \
         if DISTILLED in models else None
-    rows = map_combined(rows, CombinedModel.from_entry(models[COMBINED]), diagnostics=True, extra=extra)
+    rows = map_combined(rows, CombinedModel.from_entry(models[COMBINED], trusted), diagnostics=True, extra=extra)
     reduced = rows.map_batches(_batch_counts, fn_kwargs={"membership": membership, "distilled": DISTILLED in models},
                                batch_format="pyarrow")
     totals: dict[str, np.ndarray] = {}

@@ -264,7 +264,7 @@ class StorageConfig(Section):
     @field_validator("run_name")
     @classmethod
     def _plain_name(cls, name: str) -> str:
-        if not _RUN_NAME.match(name):
+        if not _RUN_NAME.fullmatch(name):
             raise ValueError(f"run_name {name!r} must be letters, digits, '.', '_' or '-'")
         return name
 
@@ -279,8 +279,24 @@ class Config(Section):
     resources: ResourcesConfig = ResourcesConfig()
     storage: StorageConfig = StorageConfig()
 
+    def model_factories(self) -> tuple[str, ...]:
+        """The `package.module:factory` import paths this config names: the only code a run may
+        import to rebuild its models (a name found in a file on disk is never trusted by itself)."""
+        names = (self.teacher.model.name, self.distill.student.name)
+        return tuple(sorted({name for name in names if ":" in name}))
+
 
 # ------------------------------------------------------------------------------------ loading
+REPR_LIMIT = 80  # characters of an offending value shown in an error
+
+
+def short_repr(value: Any) -> str:
+    """`repr(value)` cut to REPR_LIMIT characters: an error names the value, not a whole document."""
+    text = repr(value) if not isinstance(value, (dict, list)) or len(value) <= 8 else f"<{type(value).__name__} " \
+        f"of {len(value)} items>"
+    return text if len(text) <= REPR_LIMIT else text[: REPR_LIMIT - 3] + "..."
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for item in error.errors():
@@ -288,8 +304,93 @@ def _format_errors(error: ValidationError, source: str) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"  {key}: {message} (got {item.get('input')!r})")
+        lines.append(f"  {key}: {message} (got {short_repr(item.get('input'))})")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ YAML
+# A YAML alias repeats a node without copying it, so a few hundred bytes of nested aliases stand
+# for millions of values; anything that walks the document (validation, an error message) would
+# then hang. No config comes near this many values.
+MAX_YAML_VALUES = 20_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML's last-wins hides typos)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden, by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) or key is None:
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {seen[key] + 1})", key_node.start_mark)
+                seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+_IN_PROGRESS = -1
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for once its aliases are expanded (shared nodes counted once
+    per use, each computed once)."""
+    if sizes.get(id(node)) == _IN_PROGRESS:
+        raise ConfigError(f"a YAML alias refers to a node that contains it (line {node.start_mark.line + 1})")
+    if id(node) not in sizes:
+        sizes[id(node)] = _IN_PROGRESS
+        children = ([child for pair in node.value for child in pair] if isinstance(node, yaml.MappingNode)
+                    else node.value if isinstance(node, yaml.SequenceNode) else [])
+        sizes[id(node)] = min(1 + sum(_expanded_size(child, sizes) for child in children), MAX_YAML_VALUES + 1)
+    return sizes[id(node)]
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """`text` as plain Python values (YAML's safe subset); ConfigError naming `source` and the line
+    for invalid YAML, a key given twice, or aliases expanding past MAX_YAML_VALUES."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {})
+        except ConfigError as error:
+            raise ConfigError(f"invalid YAML in {source}: {error}") from None
+        if size > MAX_YAML_VALUES:
+            raise ConfigError(f"invalid YAML in {source}: it expands to more than {MAX_YAML_VALUES} values "
+                              f"(nested aliases); write the values out")
+        return loader.construct_document(node)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"invalid YAML in {source}: {_one_line(error)}") from None
+    except RecursionError:
+        raise ConfigError(f"invalid YAML in {source}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _one_line(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    context = getattr(error, "context", None)
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
+def read_config_text(path: str) -> str:
+    """A config file's text; ConfigError naming the file when it cannot be read as UTF-8."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"cannot read config {path}: not UTF-8 text (byte {error.start})") from None
 
 
 def _set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
@@ -301,14 +402,18 @@ def _set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
     tree[leaf] = value
 
 
+_OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
 def parse_overrides(pairs: list[str]) -> dict:
-    """`["distill.temperature=8", ...]` -> nested dict; values parsed as YAML scalars."""
+    """`["distill.temperature=8", ...]` -> nested dict; values parsed as YAML (flow) values."""
     tree: dict = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {pair!r} must look like section.key=value")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        key = key.strip()
+        if not sep or not _OVERRIDE_KEY.match(key):
+            raise ConfigError(f"override {short_repr(pair)} must look like section.key=value")
+        _set_dotted(tree, key, parse_yaml(raw, f"override {key}"))
     return tree
 
 
@@ -346,16 +451,8 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
     if path is None:
         source, text = f"<embedded {DEFAULT_CONFIG_NAME}>", default_config_text()
     else:
-        source = path
-        try:
-            with open(path) as handle:
-                text = handle.read()
-        except OSError as error:
-            raise ConfigError(f"cannot read config {path}: {error.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"invalid YAML in {source}: {error}") from None
+        source, text = path, read_config_text(path)
+    raw = parse_yaml(text, source)
     if raw is not None and not isinstance(raw, dict):  # before merging: dict() of a list is not an error
         raise ConfigError(f"invalid config {source}: the top level must be a mapping of sections")
     if overrides:

@@ -24,12 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from kdray.artifacts import load_bundle, load_spec
+from kdray.artifacts import check_bundle, load_bundle, load_spec
+from kdray.config import short_repr
 from kdray.data.shards import DatasetError, DatasetManifest, read_manifest, read_parquet
 from kdray.inference import ModelRef, features, fixed_size_list
 from kdray.losses import ensemble_logits
 from kdray.metrics import N_BINS, ClassificationStats, defined_or_none, gain_kept, gap_recovered
-from kdray.pipeline import StageContext, StageResult, read_stage_manifest
+from kdray.pipeline import MANIFEST, StageContext, StageResult, read_stage_manifest
 from kdray.storage import Storage
 
 RESULTS = "results.json"
@@ -51,7 +52,13 @@ def run_manifests(run: Storage) -> dict[str, dict[str, Any]]:
     names = [name for name in run.list() if not name.startswith(("_", ".")) and run.is_dir(name)]
     known = [stage.name for stage in pipeline_stages()]
     ordered = [name for name in known if name in names] + [name for name in names if name not in known]
-    manifests = {name: manifest for name in ordered if (manifest := read_stage_manifest(run, name)) is not None}
+    manifests = {}
+    for name in ordered:
+        manifest = read_stage_manifest(run, name)
+        if manifest is None and run.exists(name, MANIFEST):
+            raise RunError(f"{run.uri(name, MANIFEST)} is not a stage manifest (a JSON object): re-run the stage")
+        if manifest is not None:
+            manifests[name] = manifest
     if not manifests:
         raise RunError(f"{run.location} has no finished stage (no STAGE/manifest.json): is it a kdray run directory?")
     return manifests
@@ -61,23 +68,62 @@ def run_models(manifests: Mapping[str, dict[str, Any]]) -> dict[str, tuple[str, 
     """Every model the stages published: name -> (stage, its outputs["models"] entry)."""
     models: dict[str, tuple[str, dict[str, Any]]] = {}
     for stage, manifest in manifests.items():
-        for name, entry in (manifest.get("outputs") or {}).get("models", {}).items():
+        published = _outputs(stage, manifest).get("models", {})
+        if not isinstance(published, dict) or not all(isinstance(entry, dict) for entry in published.values()):
+            raise RunError(f"{stage}/{MANIFEST}: outputs.models must map model names to entries")
+        for name, entry in published.items():
             if name in models:
                 raise RunError(f"model {name!r} is published by two stages, {models[name][0]!r} and {stage!r}")
             models[name] = (stage, entry)
     return models
 
 
-def model_ref(name: str, entry: dict[str, Any]) -> ModelRef:
+def _outputs(stage: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    outputs = manifest.get("outputs") or {}
+    if not isinstance(outputs, dict):
+        raise RunError(f"{stage}/{MANIFEST}: outputs must be a JSON object, got {type(outputs).__name__}")
+    return outputs
+
+
+def model_ref(name: str, entry: dict[str, Any], run: Storage, trusted: Sequence[str] = ()) -> ModelRef:
+    """The ModelRef of a manifest entry; RunError unless it names bundles inside `run` (a copied
+    run must evaluate its own files, never follow a location back to the original)."""
     try:
-        return ModelRef(str(entry["location"]), tuple(str(bundle) for bundle in entry["bundles"]))
+        ref = ModelRef(str(entry["location"]), tuple(str(bundle) for bundle in entry["bundles"]), tuple(trusted))
     except (KeyError, TypeError):
-        raise RunError(f"model {name!r}: manifest entry {entry!r} needs 'location' and 'bundles'") from None
+        raise RunError(f"model {name!r}: manifest entry {short_repr(entry)} needs 'location' and 'bundles'") from None
+    if not run.contains(Storage(ref.location)):
+        raise RunError(f"model {name!r} is at {ref.location}, outside the run {run.location}: kdray reads only a "
+                       f"run's own files (runs written before kdray stored locations relative to the run cannot be "
+                       f"moved or copied)")
+    return ref
+
+
+def entry_refs(name: str, entry: dict[str, Any], run: Storage, trusted: Sequence[str] = ()) -> list[ModelRef]:
+    """Every bundle set a model entry loads: its own, and a combination's generalist."""
+    parts = [entry, *([entry["generalist"]] if isinstance(entry.get("generalist"), dict) else [])]
+    return [model_ref(name, part, run, trusted) for part in parts]
+
+
+def check_run_models(run: Storage, manifests: Mapping[str, dict[str, Any]], trust_code: bool = False,
+                     models: Sequence[str] | None = None) -> tuple[str, ...]:
+    """Check every bundle of the run's `models` (default: all) in the driver, before any worker
+    loads one: BundleError or RunError naming the file. Returns the factories they may import:
+    every one their specs name with `trust_code`, none otherwise."""
+    published = run_models(manifests)
+    refs = [ref for name, (_, entry) in published.items() if models is None or name in models
+            for ref in entry_refs(name, entry, run)]
+    specs = {(ref.location, bundle): load_spec(Storage(ref.location), bundle) for ref in refs for bundle in ref.bundles}
+    trusted = tuple(sorted({spec.name for spec in specs.values() if ":" in spec.name})) if trust_code else ()
+    for location, bundle in specs:
+        check_bundle(Storage(location), bundle, trusted)
+    return trusted
 
 
 def run_dataset(manifests: Mapping[str, dict[str, Any]]) -> str:
     """The dataset location the run's data stage published as outputs["dataset"]."""
-    locations = {m["outputs"]["dataset"] for m in manifests.values() if "dataset" in (m.get("outputs") or {})}
+    locations = {str(outputs["dataset"]) for stage, manifest in manifests.items()
+                 if "dataset" in (outputs := _outputs(stage, manifest))}
     if len(locations) != 1:
         found = sorted(locations) or "none"
         raise RunError(f"expected one stage publishing outputs['dataset'] among {sorted(manifests)}, found {found}")
@@ -103,7 +149,8 @@ def check_compatible(models: Mapping[str, ModelRef], feature_dim: int, num_class
 # stage: a generalist and its specialists combined by minimising KL, kdray.combine) registers here,
 # under its stage name, the import path of a function
 #
-#     combined_logits(dataset, run: Storage, manifest: dict, model: str, batch_size: int) -> Dataset
+#     combined_logits(dataset, run: Storage, manifest: dict, model: str, batch_size: int,
+#                     trusted: tuple[str, ...]) -> Dataset
 #
 # returning the lazy `dataset` with all its columns plus "logits" ([C] float32 fixed-size lists).
 # Every model that stage lists in outputs["models"] is then evaluated (`evaluate_manifests`) and
@@ -197,7 +244,8 @@ class BatchStatistics:
         for ref in models.values():
             for bundle in ref.bundles:
                 if (ref.location, bundle) not in self.nets:
-                    self.nets[(ref.location, bundle)] = load_bundle(Storage(ref.location), bundle, self.device)[0]
+                    self.nets[(ref.location, bundle)] = load_bundle(Storage(ref.location), bundle, self.device,
+                                                                    ref.trusted)[0]
 
     @torch.no_grad()
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -258,8 +306,9 @@ def evaluate_models(dataset_location: str, split: str, models: dict[str, ModelRe
 
 # ------------------------------------------------------------------------------------ a run's results
 def evaluate_manifests(run: Storage, manifests: Mapping[str, dict[str, Any]], batch_size: int = 2048,
-                       concurrency: int = 1) -> dict[str, Any]:
-    """results.json's content: every published model on the test split (and validation, if any)."""
+                       concurrency: int = 1, trusted: Sequence[str] = ()) -> dict[str, Any]:
+    """results.json's content: every published model on the test split (and validation, if any);
+    the models' bundles may import the factories in `trusted`."""
     location = run_dataset(manifests)
     storage = Storage(location)
     manifest = read_manifest(storage)
@@ -269,11 +318,13 @@ def evaluate_manifests(run: Storage, manifests: Mapping[str, dict[str, Any]], ba
     published = run_models(manifests)
     if not published:
         raise RunError(f"none of the stages {sorted(manifests)} published models (outputs['models'])")
-    plain = {name: model_ref(name, entry) for name, (stage, entry) in published.items() if combiner(stage) is None}
+    plain = {name: model_ref(name, entry, run, trusted) for name, (stage, entry) in published.items()
+             if combiner(stage) is None}
     stats = evaluate_splits(location, splits, plain, batch_size, concurrency) if plain else {}
     for name, (stage, _) in published.items():
         if (combine := combiner(stage)) is not None:
-            rows = combine(tagged_splits(storage, splits, manifest), run, manifests[stage], name, batch_size)
+            rows = combine(tagged_splits(storage, splits, manifest), run, manifests[stage], name, batch_size,
+                           tuple(trusted))
             stats[name] = _combined_statistics(rows, name, manifest.num_classes, splits)
     # The test split keeps its confusion matrix and calibration bins (for plots); validation its figures.
     models = {name: {"stage": stage, **{split: stats[name][split].to_dict(state=split == "test") for split in splits}}
@@ -344,17 +395,18 @@ def run_evaluate(context: StageContext) -> StageResult:
     """The pipeline's evaluate stage: results.json in the stage directory and at the run root."""
     # One evaluating actor: inference is cheap next to training, and a pool as wide as the cluster
     # would hold every CPU and starve the reads feeding it (see shared/RAY.md).
-    results = evaluate_manifests(context.run, context.inputs)
+    results = evaluate_manifests(context.run, context.inputs, trusted=context.config.model_factories())
     context.output.write_json(results, RESULTS)
     context.run.write_json(results, RESULTS)
     return StageResult(outputs={"results": context.output.uri(RESULTS)}, summary=headline(results))
 
 
-def evaluate_run(run_location: str, batch_size: int = 2048) -> dict[str, Any]:
+def evaluate_run(run_location: str, batch_size: int = 2048, trusted: Sequence[str] = ()) -> dict[str, Any]:
     """`kdray evaluate RUN_DIR`: evaluate every model the run's finished stages published; writes
-    RUN_DIR/results.json and returns its content. Run it on a driver connected to Ray."""
+    RUN_DIR/results.json and returns its content. Run it on a driver connected to Ray, after
+    `check_run_models` (which also says what to pass as `trusted`)."""
     run = Storage(run_location)
-    results = evaluate_manifests(run, run_manifests(run), batch_size)
+    results = evaluate_manifests(run, run_manifests(run), batch_size, trusted=trusted)
     run.write_json(results, RESULTS)
     return results
 

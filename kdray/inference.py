@@ -22,10 +22,12 @@ from kdray.storage import Storage
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Where a model lives: one bundle directory, or several (an ensemble), on one storage root."""
+    """Where a model lives: one bundle directory, or several (an ensemble), on one storage root;
+    `trusted` lists the `package.module:factory` paths its bundles may name (see kdray.artifacts)."""
 
     location: str
     bundles: tuple[str, ...]
+    trusted: tuple[str, ...] = ()
 
 
 def features(batch: pa.Table, column: str = "x") -> np.ndarray:
@@ -45,7 +47,7 @@ class LogitsPredictor:
     def __init__(self, model: ModelRef, output_column: str = "logits", batch_rows: int = 4096):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         storage = Storage(model.location)
-        self.models = [load_bundle(storage, bundle, self.device)[0] for bundle in model.bundles]
+        self.models = [load_bundle(storage, bundle, self.device, model.trusted)[0] for bundle in model.bundles]
         self.output_column = output_column
         self.batch_rows = batch_rows
 

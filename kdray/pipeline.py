@@ -20,11 +20,15 @@ from typing import Any
 
 from kdray import __version__
 from kdray.config import Config, config_to_yaml
-from kdray.storage import Storage
+from kdray.storage import Storage, StorageError
 
 MANIFEST = "manifest.json"
 WORK_DIR = "_work"
 ATTEMPT = ".attempt"
+RUN_MARKER = "kdray-run.json"  # marks a directory as a kdray run: the only kind `kdray run` writes into
+# Manifests name the run's own files relative to the run directory, so a copied or moved run reads
+# its own files; locations outside the run (a user's dataset) stay as given.
+RUN_RELATIVE = "./"
 
 
 @dataclass(frozen=True)
@@ -44,9 +48,16 @@ class StageContext:
     inputs: dict[str, dict[str, Any]]  # upstream stage name -> its manifest
     progress: bool = True
 
-    def input_output(self, stage: str, name: str) -> str:
+    def input_output(self, stage: str, name: str) -> Any:
         """An upstream stage's named output location."""
         return self.inputs[stage]["outputs"][name]
+
+    def model_ref(self, stage: str, name: str):
+        """An upstream stage's model output as a ModelRef, trusting the factories this run's config names."""
+        from kdray.inference import ModelRef
+
+        entry = self.input_output(stage, name)
+        return ModelRef(entry["location"], tuple(entry["bundles"]), self.config.model_factories())
 
 
 @dataclass(frozen=True)
@@ -89,12 +100,56 @@ def stage_fingerprint(stage: Stage, config: Config, input_fingerprints: dict[str
 
 
 def read_stage_manifest(run: Storage, stage: str) -> dict[str, Any] | None:
+    """A stage's manifest with its run-relative locations resolved under `run`; None if the stage
+    has none or it is not a JSON object (a manifest is written atomically, so that means tampering:
+    the pipeline re-runs the stage)."""
     if not run.exists(stage, MANIFEST):
         return None
     try:
-        return run.read_json(stage, MANIFEST)
-    except ValueError:  # a manifest is written atomically, so this means tampering: re-run
+        manifest = run.read_json(stage, MANIFEST)
+    except ValueError:
         return None
+    if not isinstance(manifest, dict):
+        return None
+    return {**manifest, "outputs": _locations(manifest.get("outputs"), lambda text: _resolve(run, text))}
+
+
+def _locations(value: Any, convert: Callable[[str], str]) -> Any:
+    """`value` with `convert` applied to every string in it (nested dicts and lists)."""
+    if isinstance(value, str):
+        return convert(value)
+    if isinstance(value, dict):
+        return {key: _locations(item, convert) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_locations(item, convert) for item in value]
+    return value
+
+
+def _relative(run: Storage, location: str) -> str:
+    root = run.uri().rstrip("/") + "/"
+    return RUN_RELATIVE + location[len(root):] if location.startswith(root) else location
+
+
+def _resolve(run: Storage, text: str) -> str:
+    # Storage.uri refuses a path that climbs out of the run ('..'), naming it.
+    return run.uri(text[len(RUN_RELATIVE):]) if text.startswith(RUN_RELATIVE) else text
+
+
+def is_run_directory(run: Storage) -> bool:
+    """Whether `run` is a kdray run: its marker, or (runs from before the marker) a stage attempt."""
+    return run.exists(RUN_MARKER) or any(run.exists(name, ATTEMPT) for name in run.list())
+
+
+def check_run_directory(run: Storage, inputs: dict[str, Storage] | None = None) -> None:
+    """Refuse a run directory that holds anything but a kdray run (its stages would replace files
+    there), or that overlaps an input the config names."""
+    for key, location in (inputs or {}).items():
+        if run.contains(location) or location.contains(run):
+            raise StorageError(f"run directory {run.location} and {key} {location.location} must not contain each "
+                               f"other: choose another storage.storage_path or storage.run_name")
+    if run.list() and not is_run_directory(run):
+        raise StorageError(f"run directory {run.location} holds files but is not a kdray run (no {RUN_MARKER}): "
+                           f"choose another storage.storage_path or storage.run_name")
 
 
 def _prepare_output(run: Storage, stage: str, fingerprint: str) -> None:
@@ -116,7 +171,7 @@ def _run_one(stage: Stage, config: Config, run: Storage, inputs: dict, fingerpri
         "stage": stage.name,
         "fingerprint": fingerprint,
         "inputs": {name: manifest["fingerprint"] for name, manifest in inputs.items()},
-        "outputs": result.outputs,
+        "outputs": _locations(result.outputs, lambda text: _relative(run, text)),
         "summary": result.summary,
         "artifacts": [name for name in run.list(stage.name) if name != ATTEMPT],
         "seconds": round(time.time() - started, 3),
@@ -125,7 +180,7 @@ def _run_one(stage: Stage, config: Config, run: Storage, inputs: dict, fingerpri
     }
     run.write_json(manifest, stage.name, MANIFEST)
     run.delete(WORK_DIR, f"{stage.name}-{fingerprint}")
-    return manifest
+    return {**manifest, "outputs": result.outputs}
 
 
 def run_pipeline(
@@ -136,7 +191,10 @@ def run_pipeline(
     log: Callable[[str], None] = print,
 ) -> list[StageOutcome]:
     """Run the enabled stages in order, skipping those whose manifest is up to date."""
+    check_run_directory(run)
     run.makedirs()
+    if not run.exists(RUN_MARKER):
+        run.write_json({"kdray": __version__}, RUN_MARKER)
     run.write_text(config_to_yaml(config), "config.yaml")
     manifests: dict[str, dict[str, Any]] = {}
     outcomes = []

@@ -8,7 +8,10 @@ input; other columns are ignored). OUT receives
 - ``shards/*.parquet``: ``id`` int64, ``prediction`` int64 (the most probable class) and
   ``probabilities`` fixed_size_list<float32>[C] (the model's T = 1 softmax);
 - ``predictions.json``: the model, run, data, row count and shard files, written last, so a
-  directory without it is unfinished. Predicting again into OUT replaces both.
+  directory without it is unfinished.
+
+OUT must be new, empty, or an earlier prediction (which is replaced only once the new one is
+complete); it may not lie inside DATA or RUN_DIR, nor contain them.
 
 A model from a stage registered in `kdray.evaluate.COMBINERS` (the specialists stage) is predicted
 through that stage's combiner instead of its bundles' logits.
@@ -17,6 +20,8 @@ through that stage's combiner instead of its bundles' logits.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,39 +33,47 @@ from kdray.data.shards import DatasetError, read_manifest, read_parquet
 from kdray.evaluate import RunError, check_compatible, combiner, model_ref, run_manifests, run_models
 from kdray.inference import features, fixed_size_list, map_logits
 from kdray.metrics import log_softmax
-from kdray.storage import Storage
+from kdray.storage import Storage, check_replaceable, staged_output
 
 PREDICTIONS = "predictions.json"
 SHARDS_DIR = "shards"
 
 
 def predict(run_location: str, data_location: str, output_location: str, model: str = "student",
-            batch_size: int = 2048) -> int:
+            batch_size: int = 2048, trusted: Sequence[str] = ()) -> int:
     """Write `model`'s predictions for every row of `data_location` under `output_location`;
-    returns the number of rows written. Needs a connected Ray (see `kdray.runtime.ray_session`)."""
+    returns the number of rows written. Needs a connected Ray (see `kdray.runtime.ray_session`);
+    the model's bundles may import the factories in `trusted` (see `kdray.evaluate.check_run_models`)."""
     run, data, output = Storage(run_location), Storage(data_location), Storage(output_location)
-    _check_separate(data, output)
+    check_output(run, data, output)
     manifests = run_manifests(run)
     stage, entry = find_model(run, manifests, model)
     rows, feature_dim = prediction_rows(data)
     combine = combiner(stage)
     if combine is None:
-        ref = model_ref(model, entry)
+        ref = model_ref(model, entry, run, trusted)
         check_compatible({model: ref}, feature_dim)
         logits = map_logits(rows, ref, batch_size=batch_size)
     else:
-        logits = combine(rows, run, manifests[stage], model, batch_size)
+        logits = combine(rows, run, manifests[stage], model, batch_size, tuple(trusted))
     predictions = logits.map_batches(_predictions, batch_format="pyarrow")
-
-    output.delete(PREDICTIONS)
-    output.delete(SHARDS_DIR)
-    predictions.write_parquet(output.path(SHARDS_DIR), filesystem=output.filesystem)
-    files = [f"{SHARDS_DIR}/{name}" for name in output.list(SHARDS_DIR) if name.endswith(".parquet")]
-    written = _count_rows(output, files)
-    output.write_json({"model": model, "stage": stage, "run": run.location, "data": data.location,
-                       "rows": written, "files": files, "columns": ["id", "prediction", "probabilities"],
-                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, PREDICTIONS)
+    with staged_output(output, PREDICTIONS) as staging:
+        predictions.write_parquet(staging.path(SHARDS_DIR), filesystem=staging.filesystem)
+        files = [f"{SHARDS_DIR}/{name}" for name in staging.list(SHARDS_DIR) if name.endswith(".parquet")]
+        written = _count_rows(staging, files)
+        staging.write_json({"model": model, "stage": stage, "run": run.location, "data": data.location,
+                            "rows": written, "files": files, "columns": ["id", "prediction", "probabilities"],
+                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, PREDICTIONS)
     return written
+
+
+def check_output(run: Storage, data: Storage, output: Storage) -> None:
+    """Refuse an OUT that overlaps the data or the run, or holds anything but an earlier prediction."""
+    check_replaceable(output, "predictions", PREDICTIONS, _is_predictions, overwrite=True, inputs={"data": data, "run": run})
+
+
+def _is_predictions(manifest: Any) -> bool:
+    return isinstance(manifest, dict) and {"model", "files", "rows"} <= manifest.keys()
 
 
 def find_model(run: Storage, manifests: dict, model: str) -> tuple[str, dict]:
@@ -99,13 +112,6 @@ def _parquet_files(data: Storage) -> list[str]:
     selector = pafs.FileSelector(data.path(), recursive=True)
     return sorted(info.path for info in data.filesystem.get_file_info(selector)
                   if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"))
-
-
-def _check_separate(data: Storage, output: Storage) -> None:
-    """Writing into the data (or reading the output as data) would mix predictions into the rows."""
-    a, b = data.location.rstrip("/"), output.location.rstrip("/")
-    if a == b or a.startswith(b + "/") or b.startswith(a + "/"):
-        raise RunError(f"output {output.location} and data {data.location} must not contain each other")
 
 
 def _predictions(batch: pa.Table) -> pa.Table:

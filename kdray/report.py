@@ -274,14 +274,14 @@ figure{margin:1em 0}img{max-width:100%}figcaption{color:#555;font-size:90%}pre{b
 def write_report(run: Storage, output: Storage | None = None) -> str:
     """Write the report of the run at `run` into `output` (default RUN/report); returns the page's
     location. RunError if `run` holds no finished stage."""
-    from kdray.evaluate import RESULTS, run_manifests
+    from kdray.evaluate import run_manifests
 
     manifests = run_manifests(run)
+    results = _read_results(run)
     output = output or run.child(REPORT_DIR)
     output.delete(FIGURES)  # figures of an earlier report that this one may not draw
     title = posixpath.basename(run.location.rstrip("/"))
     sections = []
-    results = run.read_json(RESULTS) if run.exists(RESULTS) else None
     if results:
         sections.append(_results_section(results))
     else:
@@ -303,6 +303,23 @@ def write_report(run: Storage, output: Storage | None = None) -> str:
             f"<p>{html.escape(run.location)}</p>\n" + "\n".join(part for part in sections if part) + "\n</body></html>\n")
     output.write_text(page, PAGE)
     return output.uri(PAGE)
+
+
+def _read_results(run: Storage) -> dict[str, Any] | None:
+    """The run's results.json, if any; RunError naming it if it is not what `kdray evaluate` writes."""
+    from kdray.evaluate import RESULTS, RunError
+
+    if not run.exists(RESULTS):
+        return None
+    try:
+        results = run.read_json(RESULTS)
+    except ValueError:
+        results = None
+    models = results.get("models") if isinstance(results, dict) else None
+    if not isinstance(models, dict) or not all(isinstance(m, dict) and isinstance(m.get("test"), dict)
+                                               for m in models.values()):
+        raise RunError(f"{run.uri(RESULTS)} is not a kdray results file: `kdray evaluate RUN_DIR` rewrites it")
+    return results
 
 
 def run_report(context: StageContext) -> StageResult:

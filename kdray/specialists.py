@@ -219,7 +219,8 @@ class SpecialistTrainer:
         self.device = torch.device("cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu")
         generalist_storage = Storage(job.generalist.location)
         # An ensemble generalist: soft targets from all members, weights from the first.
-        self.generalists = [load_bundle(generalist_storage, b, self.device)[0] for b in job.generalist.bundles]
+        trusted = job.generalist.trusted
+        self.generalists = [load_bundle(generalist_storage, b, self.device, trusted)[0] for b in job.generalist.bundles]
         input_shape = load_spec(generalist_storage, job.generalist.bundles[0]).input_shape
         self.shuffle_rows = shuffle_buffer_rows(job.epoch_rows, 4 * math.prod(input_shape) + 8, job.train.batch_size)
         self.labels = local_labels(job.classes, job.num_classes).to(self.device)
@@ -397,7 +398,7 @@ def run_specialists(context: StageContext) -> StageResult:
     subsets = clustering.read_json(SUBSETS)
     class_index = clustering.child(CLASS_INDEX)
     class_rows = class_index.read_json(INDEX_MANIFEST)["rows"]
-    generalist = ModelRef(**context.input_output("teacher", "teacher"))
+    generalist = context.model_ref("teacher", "teacher")
     dataset = context.input_output("data", "dataset")
     jobs = specialist_jobs(config, subsets["subsets"], class_rows, class_index.location, generalist, dataset,
                            output, context.work)

@@ -102,9 +102,10 @@ def validation_logits(model: ModelRef, dataset_location: str) -> tuple[torch.Ten
 
 def _correct_bias(context: StageContext, dataset_location: str) -> list[float]:
     output = context.output
-    logits, labels = validation_logits(ModelRef(output.location, (STUDENT,)), dataset_location)
+    logits, labels = validation_logits(ModelRef(output.location, (STUDENT,), context.config.model_factories()),
+                                       dataset_location)
     bias = fit_class_bias(logits, labels)
-    model, spec = load_bundle(output, STUDENT)
+    model, spec = load_bundle(output, STUDENT, trusted=context.config.model_factories())
     save_bundle(output, CORRECTED, spec.with_bias(bias.tolist()), model.state_dict())
     return [round(b, 4) for b in bias.tolist()]
 
@@ -123,6 +124,6 @@ def run_student(context: StageContext) -> StageResult:
     if config.distill.bias_correction:
         summary["class_bias"] = _correct_bias(context, dataset_location)
         models[CORRECTED] = {"location": context.output.location, "bundles": [CORRECTED]}
-    model, spec = load_bundle(context.output, STUDENT)
+    model, spec = load_bundle(context.output, STUDENT, trusted=config.model_factories())
     export_program(context.output, STUDENT, model, spec)
     return StageResult(outputs={"models": models, "student": models[STUDENT]}, summary=summary)

@@ -11,6 +11,7 @@ for the job.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import posixpath
 import shlex
@@ -19,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kdray.config import Config, ConfigError
@@ -26,6 +28,11 @@ from kdray.config import Config, ConfigError
 # gitignore-style patterns; Ray also honours the working directory's .gitignore and .rayignore.
 WORKING_DIR_EXCLUDES = (".git", ".venv", "venv", ".tox", "runs", "build", "dist", "__pycache__",
                         "*.egg-info", ".pytest_cache", ".ipynb_checkpoints")
+# Keys and cloud credentials a project directory may hold: the upload is stored on the cluster, where
+# its jobs and whoever reads the head's session files see it. No trailing "/": a directory matched by
+# name is skipped whole.
+SECRET_EXCLUDES = (".env*", "*.pem", "*.key", "id_rsa*", "id_ed25519*", ".netrc", ".aws", "**/.config/gcloud",
+                   "credentials*.json", ".ray")
 _ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 
 
@@ -75,11 +82,50 @@ def job_runtime_env(working_dir: str, pip: Sequence[str] = ()) -> dict[str, Any]
     if not os.path.isdir(working_dir):
         raise SubmitError(f"working directory {working_dir} is not a directory")
     # The job's output is a log file: Ray Data's progress bars (drawn in every worker) would flood it.
-    env: dict[str, Any] = {"working_dir": os.path.abspath(working_dir), "excludes": list(WORKING_DIR_EXCLUDES),
+    env: dict[str, Any] = {"working_dir": os.path.abspath(working_dir),
+                           "excludes": [*WORKING_DIR_EXCLUDES, *SECRET_EXCLUDES],
                            "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
     if pip:
         env["pip"] = list(pip)
     return env
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What Ray uploads as a job's working directory."""
+
+    directory: str
+    files: tuple[str, ...]  # POSIX paths relative to `directory`
+    size: int  # bytes, before compression
+    excludes: tuple[str, ...]  # patterns, besides those of .gitignore and .rayignore files
+
+    def describe(self) -> str:
+        count = f"{len(self.files)} file{'' if len(self.files) == 1 else 's'}"
+        return (f"uploading {count}, {self.size / 2**20:.2f} MiB from {self.directory} (excluded: "
+                f"{', '.join(self.excludes)} and what .gitignore/.rayignore files list)")
+
+
+def upload_contents(runtime_env: dict[str, Any]) -> Upload:
+    """The files of `runtime_env`'s working directory that Ray uploads: found with Ray's own walk and
+    matching (its default excludes, then runtime_env's, then .gitignore and .rayignore files as it
+    meets them), so what is reported is what is sent."""
+    from ray._private import ray_constants
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    root = Path(runtime_env["working_dir"]).absolute()
+    excludes = [*ray_constants.get_runtime_env_default_excludes(), *runtime_env.get("excludes", [])]
+    include_gitignore = os.environ.get(ray_constants.RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+    files: list[Path] = []
+
+    def collect(path: Path) -> None:  # Ray's zip also keeps empty directories, which hold nothing
+        if path.is_file():
+            files.append(path)
+
+    # Ray's walk logs each ignore file it meets at INFO; its upload says so itself.
+    _dir_travel(root, [_get_excludes(root, excludes)], collect, include_gitignore=include_gitignore,
+                logger=logging.getLogger(__name__))
+    return Upload(str(root), tuple(sorted(path.relative_to(root).as_posix() for path in files)),
+                  sum(path.stat().st_size for path in files), tuple(dict.fromkeys(excludes)))
 
 
 # ------------------------------------------------------------------------------------ the cluster
@@ -107,9 +153,16 @@ def connect(address: str | None):
                           "dashboard port, and pass --address http://HOST:8265") from None
 
 
-def submit_run(address: str | None, entrypoint: str, runtime_env: dict[str, Any], run_name: str) -> SubmittedJob:
-    """Upload the working directory and submit; returns at once (see `follow`)."""
+def _print_now(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()  # live even when stdout is a pipe (`| tee`, a CI log)
+
+
+def submit_run(address: str | None, entrypoint: str, runtime_env: dict[str, Any], run_name: str,
+               write: Callable[[str], Any] = _print_now) -> SubmittedJob:
+    """Upload the working directory, saying what it holds, and submit; returns at once (see `follow`)."""
     client = connect(address)
+    write(f"[kdray] {upload_contents(runtime_env).describe()}\n")
     submission_id = f"kdray-{run_name}-{uuid.uuid4().hex[:8]}"
     try:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
@@ -117,11 +170,6 @@ def submit_run(address: str | None, entrypoint: str, runtime_env: dict[str, Any]
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise SubmitError(f"submitting the job failed: {error}") from None
     return SubmittedJob(client=client, job_id=job_id, dashboard=client.get_address().rstrip("/"))
-
-
-def _print_now(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()  # live even when stdout is a pipe (`| tee`, a CI log)
 
 
 def follow(job: SubmittedJob, write: Callable[[str], Any] = _print_now, poll_seconds: float = 1.0):

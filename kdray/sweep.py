@@ -298,7 +298,7 @@ def _train_best(context: StageContext, setup: TrialSetup, params: dict[str, Any]
         result = fit(spec, trial_datasets(setup), context.config.resources, context.work.uri(), BEST)
         output.write_json(result.history, BEST, "history.json")
         save_bundle(output, BEST, spec.model, result.state_dict)
-    model, spec = load_bundle(output, BEST)
+    model, spec = load_bundle(output, BEST, trusted=context.config.model_factories())
     export_program(output, BEST, model, spec)
     return final_metrics(output.read_json(BEST, "history.json"))
 

@@ -18,7 +18,7 @@ import pyarrow.dataset as pads
 from kdray.config import TransferConfig
 from kdray.data import read_manifest, read_split, sample_rows, splitmix_uniform
 from kdray.data.shards import UNLABELED, ordered, read_parquet
-from kdray.inference import ModelRef, features, fixed_size_list, map_logits
+from kdray.inference import features, fixed_size_list, map_logits
 from kdray.losses import topk_logits
 from kdray.pipeline import StageContext, StageResult
 from kdray.storage import Storage
@@ -187,7 +187,7 @@ def count_rows(storage: Storage, directory: str) -> int:
 
 def run_transfer(context: StageContext) -> StageResult:
     config = context.config.distill.transfer
-    teacher = ModelRef(**context.input_output("teacher", "teacher"))
+    teacher = context.model_ref("teacher", "teacher")
     rows = transfer_rows(config, context.input_output("data", "dataset"))
     labelled = map_logits(rows, teacher, output_column=TEACHER_LOGITS,
                           concurrency=max(1, context.config.resources.num_workers))

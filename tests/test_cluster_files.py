@@ -1,7 +1,8 @@
 """cluster/: every recipe parses, passes Ray's own checks where Ray has them, and agrees with the
 project: the Ray in each image is the version pyproject.toml pins, the entrypoints are kdray's own
 commands with arguments its parser and config schema accept, the configs named exist, GPU workers
-request GPUs and autoscale, and the local recipe stays on 127.0.0.1."""
+request GPUs and autoscale, the KubeRay dashboard stays inside Kubernetes (and the files say so),
+and the local recipe stays on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -191,6 +192,22 @@ def test_rayjob_runtime_env_is_valid_and_installs_this_version(rayjob):
     RuntimeEnv(**runtime_env)  # Ray's validation: URIs, pip spec
     assert runtime_env["working_dir"].endswith(f"/kdray-{PYPROJECT['project']['version']}.zip")
     assert runtime_env["pip"] == ["${RAY_RUNTIME_ENV_CREATE_WORKING_DIR}"]
+
+
+@pytest.mark.parametrize("name", ["raycluster.yaml", "rayjob.yaml"])
+def test_kuberay_dashboard_stays_inside_kubernetes_and_the_file_says_where_and_why(name):
+    manifest = load(f"kuberay/{name}")
+    spec = manifest["spec"] if manifest["kind"] == "RayCluster" else manifest["spec"]["rayClusterSpec"]
+    head = spec["headGroupSpec"]
+    assert head["serviceType"] == "ClusterIP", "a LoadBalancer or NodePort would publish the Jobs API"
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"  # in the pod, for the head Service
+    ports = {port["name"]: port["containerPort"] for port in head["template"]["spec"]["containers"][0]["ports"]}
+    assert ports["dashboard"] == 8265
+    comments = " ".join(line.split("#", 1)[1].strip() for line in (CLUSTER / "kuberay" / name).read_text().splitlines()
+                        if "#" in line)
+    for said in ("port 8265 of the head pod", "head-svc", "ClusterIP", "kubectl port-forward",
+                 "the Jobs API runs whatever code it is sent"):
+        assert said in comments, f"kuberay/{name} does not say {said!r}"
 
 
 # ------------------------------------------------------------------------------------ local.sh

@@ -14,7 +14,7 @@ from kdray.artifacts import load_bundle
 from kdray.config import config_from_dict
 from kdray.evaluate import RESULTS, format_results_table
 from kdray.inference import features
-from kdray.pipeline import run_pipeline
+from kdray.pipeline import read_stage_manifest, run_pipeline
 from kdray.stages import pipeline_stages
 from kdray.storage import Storage
 from kdray.transfer import read_transfer
@@ -58,7 +58,7 @@ def test_stages_ran_once_and_rerun_recomputes_nothing(finished_run):
 def test_transfer_logits_equal_the_teachers_outputs(finished_run):
     _, run, _, _ = finished_run
     teacher, _ = load_bundle(run.child("teacher"), "member-00")
-    shards = read_transfer(run.read_json("transfer", "manifest.json")["outputs"]["transfer"])
+    shards = read_transfer(read_stage_manifest(run, "transfer")["outputs"]["transfer"])
     table = pa.concat_tables(shards.iter_batches(batch_format="pyarrow"))
     with torch.no_grad():
         expected = teacher(torch.from_numpy(features(table))).numpy()

@@ -29,7 +29,7 @@ from kdray.inference import ModelRef, map_logits
 from kdray.metrics import ClassificationStats
 from kdray.pipeline import StageContext
 from kdray.predict import PREDICTIONS, predict, prediction_rows
-from kdray.storage import Storage
+from kdray.storage import Storage, StorageError
 
 CLASSES, DIM, ROWS = 3, 4, 300
 UNLABELED_TEST_ROWS = 10  # the last test rows are labelled -1: evaluation must skip them
@@ -248,15 +248,15 @@ def test_prediction_rows_checks_a_plain_parquet_directory(tmp_path, ray_local):
 
 def test_predict_refuses_to_write_into_its_data(run_dir):
     run, data, _ = run_dir
-    with pytest.raises(RunError, match="must not contain each other"):
+    with pytest.raises(StorageError, match="must not contain each other"):
         predict(run.location, data, data + "/predictions")
 
 
 # ------------------------------------------------------------------------------------ extension point
-def member_zero_logits(dataset, run, manifest, model, batch_size):
+def member_zero_logits(dataset, run, manifest, model, batch_size, trusted):
     """A stand-in combiner for the COMBINERS hook: the first bundle of the stage's model entry."""
     entry = manifest["outputs"]["models"][model]
-    return map_logits(dataset, ModelRef(entry["location"], (entry["bundles"][0],)), batch_size=batch_size)
+    return map_logits(dataset, ModelRef(entry["location"], (entry["bundles"][0],), trusted), batch_size=batch_size)
 
 
 def test_a_registered_combiner_evaluates_its_stages_models(run_dir, monkeypatch):

@@ -7,6 +7,8 @@ import gzip
 import hashlib
 import http.server
 import os
+import re
+import shutil
 import socket
 import threading
 from pathlib import Path
@@ -16,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdray.data import idx
-from kdray.data.idx import fetch, find_idx_files, import_idx, read_idx
+from kdray.data.idx import (check_idx_source, check_source_and_output, fetch, find_idx_files, import_idx,
+                            read_idx)
 from kdray.data.shards import DatasetError, read_manifest
 from kdray.storage import Storage
 
@@ -203,7 +206,8 @@ def test_import_idx_takes_class_names_and_validates_the_split(idx_dir, tmp_path)
     assert manifest.class_names == tuple("0123456789")
     names = [f"c{i}" for i in range(12)]
     assert import_idx(str(idx_dir), storage, **SPLIT, class_names=names).num_classes == 12
-    with pytest.raises(ValueError, match="leaves an empty split"):
+    with pytest.raises(DatasetError, match=r"train-images-idx3-ubyte\.gz: validation_fraction 0\.001 of 50 rows "
+                                           "leaves an empty split"):
         import_idx(str(idx_dir), storage, **{**SPLIT, "validation_fraction": 0.001})
 
 
@@ -327,3 +331,139 @@ def test_fetch_imports_the_debian_fashion_mnist(tmp_path):  # about 3 s on 2 cor
     ids, features, labels = read_split_rows(storage, manifest, "test")
     assert ids[0] == 60_000 and features.max() == 1.0 and features.min() == 0.0
     assert np.bincount(labels).tolist() == [1000] * 10
+
+
+# ------------------------------------------------------------------------------------ bad options and sources
+BAD_OPTIONS = {  # an option out of range -> the error (literally)
+    "no validation": ({"validation_fraction": 0}, "validation_fraction must be a number in (0, 1), got 0"),
+    "all validation": ({"validation_fraction": 1.0}, "validation_fraction must be a number in (0, 1), got 1.0"),
+    "fraction above 1": ({"validation_fraction": 1.5}, "validation_fraction must be a number in (0, 1), got 1.5"),
+    "negative fraction": ({"validation_fraction": -0.1}, "validation_fraction must be a number in (0, 1), got -0.1"),
+    "fraction nan": ({"validation_fraction": float("nan")}, "validation_fraction must be a number in (0, 1), got nan"),
+    "fraction a string": ({"validation_fraction": "0.2"}, "validation_fraction must be a number in (0, 1), got '0.2'"),
+    "no rows per shard": ({"rows_per_shard": 0}, "rows_per_shard must be a positive integer, got 0"),
+    "negative rows per shard": ({"rows_per_shard": -16}, "rows_per_shard must be a positive integer, got -16"),
+    "fractional rows per shard": ({"rows_per_shard": 2.5}, "rows_per_shard must be a positive integer, got 2.5"),
+    "seed a float": ({"seed": 1.5}, "seed must be an integer, got 1.5"),
+    "no class names": ({"class_names": []}, "class_names must be a non-empty list of strings, got []"),
+}
+
+
+@pytest.mark.parametrize("change,message", BAD_OPTIONS.values(), ids=BAD_OPTIONS.keys())
+def test_bad_options_are_refused_before_anything_is_read_or_written(tmp_path, change, message):
+    options = {**SPLIT, **change}
+    out = Storage(str(tmp_path / "out"))
+    for refuse in (lambda: import_idx(str(tmp_path / "no-such-source"), out, **options),
+                   lambda: check_idx_source(str(tmp_path / "no-such-source"), **options),
+                   lambda: fetch("mnist", out, cache_dir=str(tmp_path / "cache"), base_url=closed_port_url(),
+                                 **options)):
+        with pytest.raises(DatasetError, match=re.escape(message)):  # not the missing source: it was never looked at
+            refuse()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_negative_seed_is_a_seed_like_any_other(idx_dir, tmp_path):
+    def validation_ids(seed):
+        manifest = import_idx(str(idx_dir), Storage(str(tmp_path / str(seed))), **{**SPLIT, "seed": seed})
+        return set(read_split_rows(Storage(str(tmp_path / str(seed))), manifest, "validation")[0])
+
+    assert validation_ids(-1) == validation_ids(-1) != validation_ids(1)
+
+
+def _replace(name: str, data: bytes):
+    """Damage: the file `name` (wherever it was, raw or .gz) becomes `data`, saved as `name`."""
+    def damage(directory: Path) -> None:
+        for old in directory.glob(name.removesuffix(".gz") + "*"):
+            old.unlink()
+        (directory / name).write_bytes(data)
+    return damage
+
+
+def _rewrite(name: str, edit):
+    """Damage: the bytes of the file `name` (as stored) pass through `edit`."""
+    def damage(directory: Path) -> None:
+        (directory / name).write_bytes(edit((directory / name).read_bytes()))
+    return damage
+
+
+def _flip_middle_byte(data: bytes) -> bytes:
+    return data[: len(data) // 2] + bytes([data[len(data) // 2] ^ 0xFF]) + data[len(data) // 2 + 1:]
+
+
+TEST_IMAGES, TRAIN_IMAGES_GZ = "t10k-images-idx3-ubyte", "train-images-idx3-ubyte.gz"
+BAD_SOURCES = {  # damage to idx_dir -> (the file the error names, what it says)
+    "missing folder": (lambda d: shutil.rmtree(d), "", "does not exist"),
+    "missing file": (lambda d: (d / "t10k-labels-idx1-ubyte").unlink(), "", "lacks the IDX file(s) t10k-labels"),
+    "truncated raw": (_rewrite(TEST_IMAGES, lambda b: b[:-100]), TEST_IMAGES,
+                      "is truncated: 15596 bytes, shape (20, 28, 28) of uint8 needs 15696"),
+    "longer raw": (_rewrite(TEST_IMAGES, lambda b: b + b"\0"), TEST_IMAGES, "is longer than its header says"),
+    "cut gzip": (_rewrite(TRAIN_IMAGES_GZ, lambda b: b[:-200]), TRAIN_IMAGES_GZ, "is a damaged or truncated gzip file"),
+    "corrupt gzip": (_rewrite(TRAIN_IMAGES_GZ, _flip_middle_byte), TRAIN_IMAGES_GZ, "is a damaged or truncated gzip"),
+    "wrong magic": (_rewrite(TEST_IMAGES, lambda b: b"\x01" + b[1:]), TEST_IMAGES, "is not an IDX file (magic bytes"),
+    ".gz but neither": (_replace(TRAIN_IMAGES_GZ, b"<html>404</html>"), TRAIN_IMAGES_GZ,
+                        "is not an IDX file (nor gzip, though named .gz) (magic bytes 3c68746d)"),
+    "gzip of nothing": (_replace(TRAIN_IMAGES_GZ, gzip.compress(b"")), TRAIN_IMAGES_GZ, "is not an IDX file"),
+    "more labels": (lambda d: write_idx(d / "t10k-labels-idx1-ubyte", np.zeros(TEST_ROWS + 1, np.uint8)),
+                    "t10k-labels-idx1-ubyte", f"{TEST_ROWS + 1} labels for {TEST_ROWS} images"),
+    "labels 2-D": (lambda d: write_idx(d / "t10k-labels-idx1-ubyte", np.zeros((TEST_ROWS, 1), np.uint8)),
+                   "t10k-labels-idx1-ubyte", "expected a 1-D integer label vector"),
+    "label beyond the classes": (lambda d: write_idx(d / "t10k-labels-idx1-ubyte", np.full(TEST_ROWS, 10, np.uint8)),
+                                 "t10k-labels-idx1-ubyte", "label 10 outside [0, 10)"),
+    "images 27 wide": (lambda d: write_idx(d / TEST_IMAGES, np.zeros((TEST_ROWS, 28, 27), np.uint8)),
+                       TEST_IMAGES, "expected uint8 images of shape [N, 28, 28], got uint8 (20, 28, 27)"),
+    "images of floats": (lambda d: write_idx(d / TEST_IMAGES, np.zeros((TEST_ROWS, 28, 28), np.float32), code=0x0D),
+                         TEST_IMAGES, "expected uint8 images"),
+    "no test images": (lambda d: (write_idx(d / TEST_IMAGES, np.zeros((0, 28, 28), np.uint8)),
+                                  write_idx(d / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8))),
+                       TEST_IMAGES, "holds no images"),
+    "too few rows to split": (lambda d: (write_idx(d / TRAIN_IMAGES_GZ, tiny_images(1, 0), compress=True),
+                                         write_idx(d / "train-labels-idx1-ubyte.gz", np.zeros(1, np.uint8),
+                                                   compress=True)),
+                              TRAIN_IMAGES_GZ, "validation_fraction 0.2 of 1 rows leaves an empty split"),
+}
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("damage,file,message", BAD_SOURCES.values(), ids=BAD_SOURCES.keys())
+def test_a_bad_source_is_named_and_nothing_is_written(idx_dir, tmp_path, damage, file, message):
+    damage(idx_dir)
+    before = tree(idx_dir) if idx_dir.exists() else None
+    for attempt in (lambda: check_idx_source(str(idx_dir), **SPLIT),
+                    lambda: import_idx(str(idx_dir), Storage(str(tmp_path / "out")), **SPLIT)):
+        with pytest.raises(DatasetError, match=re.escape(message)) as error:
+            attempt()
+        assert str(idx_dir / file) in str(error.value) and "\n" not in str(error.value)
+    assert sorted(os.listdir(tmp_path)) == (["idx"] if before is not None else [])  # no output directory
+    assert (tree(idx_dir) if idx_dir.exists() else None) == before
+
+
+def test_check_idx_source_reports_the_files_and_classes_and_writes_nothing(idx_dir, tmp_path):
+    before = tree(tmp_path)
+    source = check_idx_source(str(idx_dir), **SPLIT, name="mnist")
+    assert source.train_rows == TRAIN_ROWS and source.class_names == tuple("0123456789")
+    assert source.files["t10k-images-idx3-ubyte"].shape == (TEST_ROWS, 28, 28)
+    assert source.files["train-labels-idx1-ubyte"].path == str(idx_dir / "train-labels-idx1-ubyte.gz")
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.parametrize("output", ["idx", "idx/out", ".", "alias", "alias/out"],
+                         ids=["the source", "inside the source", "around the source", "a link to the source",
+                              "inside a link to the source"])
+def test_an_output_overlapping_the_source_is_refused_and_nothing_written(idx_dir, tmp_path, output):
+    os.symlink(idx_dir, tmp_path / "alias")
+    before = tree(tmp_path)
+    storage = Storage(str(tmp_path / output))
+    with pytest.raises(DatasetError, match="must not contain each other"):
+        check_source_and_output(str(idx_dir), storage)
+    with pytest.raises(DatasetError, match=re.escape(f"the IDX source {idx_dir} and the output directory")):
+        import_idx(str(idx_dir), storage, **SPLIT)
+    with pytest.raises(DatasetError, match="must not contain each other"):
+        fetch("fashion-mnist", storage, source=str(idx_dir), **SPLIT)
+    assert tree(tmp_path) == before
+
+
+def test_an_output_beside_the_source_is_fine(idx_dir, tmp_path):
+    check_source_and_output(str(idx_dir), Storage(str(tmp_path / "idx-out")))  # a shared name prefix is no nesting

@@ -4,6 +4,7 @@ failed stage leaves no manifest. Toy stages (real functions writing real files) 
 from __future__ import annotations
 
 import os
+import shutil
 from collections import Counter
 
 import pytest
@@ -20,7 +21,7 @@ from kdray.pipeline import (
     run_pipeline,
     stage_fingerprint,
 )
-from kdray.storage import Storage
+from kdray.storage import Storage, StorageError
 
 
 class ToyStages:
@@ -195,7 +196,9 @@ def test_stage_manifest_records_fingerprint_inputs_and_artifacts(toy, storage, t
     assert prepare["inputs"] == {} and fit["inputs"] == {"prepare": prepare["fingerprint"]}
     assert prepare["artifacts"] == ["data.txt"]
     assert fit["artifacts"] == ["model.txt", "partial.txt"]
-    assert prepare["outputs"] == {"data": storage.uri("prepare", "data.txt")}
+    # on disk relative to the run, so a copied run reads its own files; resolved when read
+    assert prepare["outputs"] == {"data": "./prepare/data.txt"}
+    assert read_stage_manifest(storage, "prepare")["outputs"] == {"data": storage.uri("prepare", "data.txt")}
     assert prepare["summary"] == {"epochs": 2} and prepare["stage"] == "prepare"
     assert storage.read_json("report", MANIFEST)["summary"] == {"lines": 2}
     # written through an atomic rename: no temporary file is left anywhere in the run
@@ -252,3 +255,24 @@ def test_progress_lines_name_each_stage(toy, storage):
     run_pipeline(toy.stages(), config_with(), storage, progress=False, log=lines.append)
     assert any(line.startswith("[kdray] fit: running (") for line in lines)
     assert any(line.startswith("[kdray] fit: up to date (") and line.endswith("skipped") for line in lines)
+
+
+def test_a_copied_run_resumes_from_its_own_files(toy, tmp_path):
+    original = Storage(str(tmp_path / "runs" / "toy"))
+    run(toy, config_with(), original)
+    shutil.copytree(original.location, tmp_path / "copy")
+    copy = Storage(str(tmp_path / "copy"))
+    copy.write_text("epochs=copied\n", "prepare", "data.txt")
+
+    assert run(toy, config_with(temperature=8.0), copy)["fit"] == "ran"  # prepare skipped: its output is reused
+
+    assert copy.read_text("fit", "model.txt") == "epochs=copied\ntemperature=8.0\n"
+    assert original.read_text("fit", "model.txt") == "epochs=2\ntemperature=4.0\n"
+
+
+def test_a_directory_of_user_files_is_never_made_a_run(toy, tmp_path):
+    (tmp_path / "mine" / "prepare").mkdir(parents=True)
+    (tmp_path / "mine" / "prepare" / "notes.txt").write_text("keep me")
+    with pytest.raises(StorageError, match="is not a kdray run"):
+        run(toy, config_with(), Storage(str(tmp_path / "mine")))
+    assert files_under(tmp_path / "mine") == ["prepare/notes.txt"] and toy.calls == {}

@@ -1,19 +1,68 @@
-"""kdray.runtime's task runners: results in submission order, a bound on tasks in flight, and a
-failure that re-raises the task's own exception without taking the driver down."""
+"""kdray.runtime: joining a cluster fails at once, naming the fix, where it cannot succeed; the task
+runners return results in submission order, bound the tasks in flight, and re-raise a task's own
+exception without taking the driver down."""
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
 import ray
+from test_submit import free_port
 
-from kdray.runtime import gather, run_bounded
+from kdray.runtime import ClusterError, gather, ray_session, run_bounded
 
 
+# ------------------------------------------------------------------------------------ joining a cluster
+def test_a_dashboard_url_is_refused_naming_the_gcs_address(ray_local):
+    # Refused even beside a running Ray, which ray_session would otherwise reuse, ignoring the address.
+    with pytest.raises(ClusterError, match=r"http://127\.0\.0\.1:8265 .* is a dashboard URL.*GCS address HOST:PORT"):
+        with ray_session("http://127.0.0.1:8265"):
+            pass
+
+
+@pytest.fixture
+def web_server():
+    """An HTTP server on loopback, like a dashboard: its port, while it runs."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+def test_joining_a_port_that_is_no_cluster_fails_at_once_naming_the_fix(web_server):
+    """Ray retried such addresses for minutes, silently. In a fresh process: the test session's Ray
+    would be reused instead."""
+    script = textwrap.dedent("""
+        import sys
+        from kdray.runtime import ClusterError, ray_session
+
+        for address in sys.argv[1:]:
+            try:
+                with ray_session(address):
+                    print("joined", address)
+            except ClusterError as error:
+                print(error)
+    """)
+    nothing, web = f"127.0.0.1:{free_port()}", f"127.0.0.1:{web_server}"
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script, nothing, web], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert time.monotonic() - started < 60
+    refused, not_gcs = done.stdout.splitlines()
+    assert refused.startswith(f"no Ray cluster answers at {nothing} (") and "cluster/local.sh start" in refused
+    assert not_gcs.startswith(f"{web} is not a Ray cluster's GCS (it answers, but not in gRPC: a dashboard")
+    assert "give the head's GCS address" in not_gcs
+
+
+# ------------------------------------------------------------------------------------ task runners
 @ray.remote(num_cpus=0.5)
 def _square_or_fail(value: int) -> int:
     if value < 0:

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from kdray.storage import Storage, StorageError
+from kdray.storage import Storage, StorageError, check_replaceable, staged_output
 
 
 @pytest.fixture(params=["path", "file-uri"])
@@ -141,3 +141,96 @@ def test_file_uri_child_and_uri_round_trip(tmp_path):
 def test_local_child_is_a_plain_path(tmp_path):
     child = Storage(str(tmp_path)).child("run")
     assert child.location == str(tmp_path / "run")
+
+
+# ------------------------------------------------------------------------------------ replacing outputs
+def write_output(storage: Storage, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        storage.write_text(text, name)
+
+
+def is_own(manifest) -> bool:
+    return isinstance(manifest, dict) and manifest.get("kind") == "test-output"
+
+
+OWN = '{"kind": "test-output"}'
+
+
+def test_staged_output_replaces_only_once_the_new_output_is_complete(storage, tmp_path):
+    output = storage.child("out")
+    write_output(output, {"manifest.json": OWN, "old-shard": "old"})
+    with staged_output(output, "manifest.json") as staging:
+        write_output(staging, {"new-shard": "new"})
+        assert output.read_text("old-shard") == "old"  # untouched while the new output is written
+        staging.write_text(OWN, "manifest.json")
+    assert files_under(tmp_path / "root") == ["out/manifest.json", "out/new-shard"]
+
+
+def test_a_failed_staged_output_leaves_the_old_one_and_no_staging(storage, tmp_path):
+    output = storage.child("out")
+    write_output(output, {"manifest.json": OWN, "old-shard": "old"})
+    with pytest.raises(RuntimeError, match="source went bad"):
+        with staged_output(output, "manifest.json") as staging:
+            write_output(staging, {"new-shard": "new"})
+            raise RuntimeError("source went bad")
+    with pytest.raises(StorageError, match="not finished"):
+        with staged_output(output, "manifest.json") as staging:
+            write_output(staging, {"new-shard": "new"})  # and no manifest
+    assert files_under(tmp_path / "root") == ["out/manifest.json", "out/old-shard"]
+
+
+def test_a_symlinked_output_keeps_its_link_and_its_target_is_replaced(tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "manifest.json").write_text(OWN)
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    with staged_output(Storage(str(tmp_path / "link")), "manifest.json") as staging:
+        write_output(staging, {"new-shard": "new", "manifest.json": OWN})
+    assert os.path.islink(tmp_path / "link") and files_under(tmp_path / "target") == ["manifest.json", "new-shard"]
+
+
+def test_an_object_store_output_is_replaced_manifest_last_without_rename():
+    output = Storage("mock:///bucket/out")
+    staging = Storage("mock:///bucket/.out.kdray-new-1")
+    staging.filesystem = output.filesystem  # pyarrow's in-memory filesystem, one per URI otherwise
+    write_output(output, {"manifest.json": OWN, "old-shard": "old", "kept/part": "old part"})
+    write_output(staging, {"manifest.json": '{"kind": "test-output", "new": 1}', "kept/part": "new part", "b": "b"})
+    output.replace_with(staging, "manifest.json")
+    assert sorted(output.files()) == ["b", "kept/part", "manifest.json"] and not staging.exists()
+    assert output.read_json("manifest.json")["new"] == 1 and output.read_text("kept/part") == "new part"
+
+
+@pytest.mark.parametrize("contents, overwrite, message", [
+    ({"notes.txt": "mine"}, True, "holds files but no kdray test output"),
+    ({"manifest.json": '{"kind": "other"}'}, True, "holds files but no kdray test output"),
+    ({"manifest.json": "not json"}, True, "holds files but no kdray test output"),
+    ({"manifest.json": OWN}, False, "pass --overwrite"),
+])
+def test_check_replaceable_refuses_what_kdray_must_not_replace(storage, contents, overwrite, message):
+    output = storage.child("out")
+    write_output(output, contents)
+    with pytest.raises(StorageError, match=message):
+        check_replaceable(output, "test output", "manifest.json", is_own, overwrite)
+
+
+def test_check_replaceable_accepts_new_empty_and_own_outputs(storage):
+    check_replaceable(storage.child("new"), "test output", "manifest.json", is_own, overwrite=False)
+    storage.makedirs("empty")
+    check_replaceable(storage.child("empty"), "test output", "manifest.json", is_own, overwrite=False)
+    write_output(storage.child("own"), {"manifest.json": OWN})
+    check_replaceable(storage.child("own"), "test output", "manifest.json", is_own, overwrite=True)
+
+
+def test_outputs_overlapping_an_input_are_refused_even_through_a_symlink(tmp_path):
+    (tmp_path / "data").mkdir()
+    os.symlink(tmp_path / "data", tmp_path / "alias")
+    data = Storage(str(tmp_path / "data"))
+    for output in (tmp_path / "alias" / "predictions", tmp_path / "data", tmp_path):
+        with pytest.raises(StorageError, match="must not contain each other"):
+            check_replaceable(Storage(str(output)), "test output", "manifest.json", is_own, True, {"data": data})
+    assert not data.contains(Storage(str(tmp_path / "data-2")))  # a shared prefix is not containment
+
+
+def test_a_bucket_or_filesystem_root_has_no_sibling():
+    for location in ("/", "mock:///bucket"):  # mock: pyarrow's in-memory filesystem, as a bucket
+        with pytest.raises(StorageError, match="root"):
+            Storage(location).sibling("x")

@@ -13,7 +13,7 @@ import ray
 
 from kdray.config import config_from_dict
 from kdray.data.validate import inspect_dataset
-from kdray.pipeline import run_pipeline
+from kdray.pipeline import read_stage_manifest, run_pipeline
 from kdray.stages import pipeline_stages
 from kdray.storage import Storage
 
@@ -43,12 +43,15 @@ def test_the_data_stage_writes_and_reads_every_artifact_through_a_file_uri(ray_l
     assert outcome.status == "ran"
 
     # Everything is under the URI's directory, and accounted for.
-    stage = json.loads((root / "uri" / "data" / "manifest.json").read_text())
+    on_disk_stage = json.loads((root / "uri" / "data" / "manifest.json").read_text())
+    assert on_disk_stage["outputs"] == {"dataset": "./data/dataset"}  # relative to the run, so it can move
+    stage = read_stage_manifest(run, "data")
     assert stage["outputs"] == {"dataset": f"file://{root}/uri/data/dataset"}  # downstream reads the URI
     dataset = json.loads((root / "uri" / "data" / "dataset" / "manifest.json").read_text())
     shards = {shard["file"]: shard for shard in dataset["shards"]}
     on_disk = files_under(root / "uri")
-    assert on_disk == {"config.yaml", "data/.attempt", "data/manifest.json", "data/dataset/manifest.json",
+    assert on_disk == {"config.yaml", "kdray-run.json", "data/.attempt", "data/manifest.json",
+                       "data/dataset/manifest.json",
                        *(f"data/dataset/{name}" for name in shards)}, on_disk  # no stray or .tmp-* files
     for name, shard in shards.items():
         content = (root / "uri" / "data" / "dataset" / name).read_bytes()

@@ -1,7 +1,9 @@
 """`kdray submit` and `ray job submit` against a real Ray head that cluster/local.sh starts on
 127.0.0.1 (own temp dir, free ports, own token): a job runs a tiny pipeline and leaves every stage's
-artifacts; the upload leaves virtualenvs and runs behind; a failed job exits 1; bad input fails before
-anything is uploaded; stopping the head ends its processes and spares the test session's own Ray."""
+artifacts; the upload is what submit reports, without virtualenvs, runs or secrets; the head listens on
+loopback only and keeps its token file private; a driver here joins it by its loopback address; a
+failed job exits 1; bad input fails before anything is uploaded; stopping the head ends its processes
+and spares the test session's own Ray."""
 
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ import ray
 import yaml
 
 from kdray.cli import build_parser, main
-from kdray.submit import run_entrypoint
+from kdray.submit import job_runtime_env, run_entrypoint, upload_contents
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_SH = REPO / "cluster" / "local.sh"
 BIN = Path(sys.executable).parent  # the virtualenv's bin: python, ray, kdray
 STAGES = ("data", "teacher", "transfer", "student", "evaluate", "report")
+SECRETS = (".env", "secret.pem", "id_rsa", ".aws/credentials", "credentials-prod.json", ".ray/auth_token")
 
 # As small as a full pipeline gets: Ray start-up, not the data, sets the time.
 TINY = """\
@@ -140,6 +143,11 @@ def head():
     env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", RAY=str(BIN / "ray"), PYTHON=sys.executable,
                KDRAY_RAY_DIR=str(directory), RAY_PORT=str(free_port()), DASHBOARD_PORT=str(free_port()),
                NUM_CPUS="2", MULTI_NODE="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    # The same token in a file as a umask of 022 leaves it, readable by all, for start to make private.
+    token_file = directory / "auth_token"
+    token_file.write_text(env["RAY_AUTH_TOKEN"])
+    token_file.chmod(0o644)
+    env["RAY_AUTH_TOKEN_PATH"] = str(token_file)
     cluster = Head(directory, env, f"http://127.0.0.1:{env['DASHBOARD_PORT']}")
     try:
         started = cluster.local_sh("start")
@@ -158,6 +166,9 @@ def project(directory: Path, config: str = TINY) -> Path:
     (directory / ".venv" / "lib" / "big.bin").write_bytes(b"\0" * 4096)
     (directory / "runs" / "old").mkdir(parents=True)
     (directory / "runs" / "old" / "manifest.json").write_text("{}")
+    for secret in SECRETS:
+        (directory / secret).parent.mkdir(parents=True, exist_ok=True)
+        (directory / secret).write_text("not for the cluster")
     return directory
 
 
@@ -212,12 +223,35 @@ def test_submit_runs_the_pipeline_as_a_job_and_links_its_dashboard_page(head, fi
     assert saved["distill"]["student"]["hidden"] == [4]  # cfg.yaml's, not the embedded default's
 
 
-def test_the_upload_leaves_virtualenvs_and_runs_behind(head, first_job):
+def test_the_upload_is_what_submit_reported_without_virtualenvs_runs_or_secrets(head, first_job):
+    reported = upload_contents(job_runtime_env(str(first_job.project)))
+    assert reported.files == ("cfg.yaml",)
+    assert f"[kdray] uploading 1 file, 0.00 MiB from {first_job.project} (excluded: " in first_job.result.stdout
     uploads = [path for path in head.uploaded_working_dirs() if (path / "cfg.yaml").exists()]
     assert uploads, list(head.uploaded_working_dirs())
     for upload in uploads:
         assert (upload / "cfg.yaml").read_text() == TINY
+        assert {path.relative_to(upload).as_posix() for path in upload.rglob("*") if path.is_file()} == {"cfg.yaml"}
+        assert not any((upload / secret).exists() for secret in SECRETS)
         assert not (upload / ".venv").exists() and not (upload / "runs").exists()
+
+
+def test_start_makes_the_token_file_private(head):
+    mode = Path(head.env["RAY_AUTH_TOKEN_PATH"]).stat().st_mode & 0o777
+    assert mode == 0o600, oct(mode)
+
+
+def test_a_driver_on_this_machine_joins_the_head_by_its_loopback_address(head, first_job):
+    """`kdray data inspect --address 127.0.0.1:PORT` once retried the GCS at the machine's network
+    address for minutes; the token comes from the machine (here RAY_AUTH_TOKEN) without RAY_AUTH_MODE."""
+    # The stage manifest gives it relative to the run.
+    dataset = first_job.run / json.loads((first_job.run / "data" / "manifest.json").read_text())["outputs"]["dataset"]
+    env = {name: value for name, value in head.env.items() if name != "RAY_AUTH_MODE"}
+    inspected = subprocess.run([sys.executable, "-m", "kdray", "data", "inspect", str(dataset),
+                                "--address", f"127.0.0.1:{head.env['RAY_PORT']}"],
+                               env=env, capture_output=True, text=True, timeout=120)
+    assert inspected.returncode == 0, inspected.stdout[-3000:] + inspected.stderr[-3000:]
+    assert "all shards OK" in inspected.stdout
 
 
 def test_ray_job_submit_runs_the_same_entrypoint_and_recomputes_nothing(head, first_job):

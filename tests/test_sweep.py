@@ -19,7 +19,7 @@ from kdray.cli import main
 from kdray.config import ConfigError, config_from_dict, config_to_yaml, load_config
 from kdray.data import read_manifest
 from kdray.evaluate import RESULTS
-from kdray.pipeline import run_pipeline
+from kdray.pipeline import read_stage_manifest, run_pipeline
 from kdray.stages import pipeline_stages, stages_for
 from kdray.storage import Storage
 from kdray.sweep import (
@@ -141,7 +141,7 @@ def test_restoring_the_finished_experiment_retrains_nothing(swept_run, tmp_path)
     manifest = read_manifest(Storage(config.data.path))
     trials = tmp_path / "trials"  # where any trial that (wrongly) trained again would checkpoint
     setup = TrialSetup(sweep_spec(config, manifest.feature_shape, manifest.num_classes),
-                       run.read_json("transfer", "manifest.json")["outputs"]["transfer"], config.data.path,
+                       read_stage_manifest(run, "transfer")["outputs"]["transfer"], config.data.path,
                        config.resources, str(trials))
     results = run_tune(setup, config.sweep, 1, run.child("sweep"))
     assert sorted(result.metrics["trial_id"] for result in results) == \

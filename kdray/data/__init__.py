@@ -65,6 +65,12 @@ def sample_rows(dataset, fraction: float, seed: int, drop_classes: tuple[int, ..
     return dataset.map_batches(keep, batch_format="pyarrow")
 
 
+def seed_entropy(seed: int) -> int:
+    """A config seed as NumPy seeding takes it: SeedSequence refuses negative integers, and this
+    is one-to-one for |seed| < 2**63 and keeps seeds in [0, 2**64) as they are (their data unchanged)."""
+    return seed % (1 << 64)
+
+
 def splitmix_uniform(ids, seed: int):
     """ids [N] int64 -> [N] floats in [0, 1): the splitmix64 finaliser of (id, seed), so each
     (id, seed) pair gets a fixed, well-mixed draw (different seeds give independent subsets)."""

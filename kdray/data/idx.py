@@ -8,25 +8,32 @@ files come gzipped or raw; `read_idx` tells them apart by the gzip magic bytes, 
 earlier downloads in the cache), and only then downloads the release, checking every file's MD5
 against the published checksums below. It never substitutes other data for a missing file.
 `import_idx` turns the files into shards: the train file is split into train and validation by a
-seeded permutation, the t10k file is the test split; images become float32 in [0, 1].
+seeded permutation, the t10k file is the test split; images become float32 in [0, 1]. It writes
+nothing until the options and all four files check out; `check_idx_source` runs the same checks
+alone (streaming the images, writing nothing), for a caller to run before it prepares the output.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import http.client
+import io
 import math
+import numbers
 import os
 import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 
+from kdray.data import seed_entropy
 from kdray.data.shards import (MANIFEST, DatasetError, DatasetManifest, ShardInfo, shard_name, shard_table,
                                write_manifest, write_shard)
 from kdray.storage import Storage
@@ -98,15 +105,30 @@ INSTEAD = {
 _GZIP_MAGIC = b"\x1f\x8b"
 _DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _CHUNK = 1 << 20
+_GZIP_ERRORS = (EOFError, OSError, zlib.error)  # BadGzipFile is an OSError
 
 
 # ------------------------------------------------------------------------------------ reading
-def _read_file(path: str | os.PathLike) -> bytes:
+@dataclass(frozen=True)
+class IdxFile:
+    """An IDX file's header, read after checking that the file holds exactly what it declares."""
+
+    path: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+def _read_file(path: str | os.PathLike, size: int = -1) -> bytes:
+    """The file's bytes (its first `size` bytes if given); DatasetError naming it if it cannot be read."""
     try:
         with open(path, "rb") as handle:
-            return handle.read()
+            return handle.read(size)
     except OSError as error:
         raise DatasetError(f"cannot read IDX file {path}: {error.strerror}") from None
+
+
+def _gzip_error(error: Exception, where: str | os.PathLike) -> DatasetError:
+    return DatasetError(f"IDX file {where} is a damaged or truncated gzip file: {error}")
 
 
 def _decompress(data: bytes, where: str | os.PathLike) -> bytes:
@@ -115,29 +137,42 @@ def _decompress(data: bytes, where: str | os.PathLike) -> bytes:
         return data
     try:
         return gzip.decompress(data)
-    except (EOFError, OSError, zlib.error) as error:  # BadGzipFile is an OSError
-        raise DatasetError(f"IDX file {where} is a damaged or truncated gzip file: {error}") from None
+    except _GZIP_ERRORS as error:
+        raise _gzip_error(error, where) from None
+
+
+def _read_header(read: Callable[[int], bytes], where: str | os.PathLike,
+                 packed: bool) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, header bytes) from the start of an IDX stream (gunzipped if `packed`), which
+    `read(n)` continues."""
+    magic = read(4)
+    if len(magic) < 4 or magic[:2] != b"\0\0":
+        gz = " (nor gzip, though named .gz)" if str(where).endswith(".gz") and not packed else ""
+        raise DatasetError(f"{where} is not an IDX file{gz} (magic bytes {magic.hex() or 'missing'})")
+    code, ndim = magic[2], magic[3]
+    if code not in _DTYPES:
+        raise DatasetError(f"IDX file {where} has unknown dtype code 0x{code:02X} "
+                           f"(known: {', '.join(f'0x{c:02X}' for c in _DTYPES)})")
+    dims = read(4 * ndim)
+    if len(dims) < 4 * ndim:
+        raise DatasetError(f"IDX file {where} is truncated inside its header ({4 + len(dims)} bytes)")
+    return np.dtype(_DTYPES[code]), tuple(int(d) for d in np.frombuffer(dims, ">u4")), 4 + 4 * ndim
+
+
+def _check_length(size: int, header: int, dtype: np.dtype, shape: tuple[int, ...], where) -> None:
+    expected = header + math.prod(shape) * dtype.itemsize
+    if size != expected:
+        problem = "truncated" if size < expected else "longer than its header says"
+        raise DatasetError(f"IDX file {where} is {problem}: {size} bytes, shape {shape} "
+                           f"of {dtype.name} needs {expected}")
 
 
 def parse_idx(data: bytes, where: str | os.PathLike) -> np.ndarray:
     """IDX bytes (gzipped or raw) -> an array in native byte order; `where` names the file in errors."""
+    packed = data.startswith(_GZIP_MAGIC)
     data = _decompress(data, where)
-    if len(data) < 4 or data[:2] != b"\0\0":
-        raise DatasetError(f"{where} is not an IDX file (magic bytes {data[:4].hex() or 'missing'})")
-    code, ndim = data[2], data[3]
-    if code not in _DTYPES:
-        raise DatasetError(f"IDX file {where} has unknown dtype code 0x{code:02X} "
-                           f"(known: {', '.join(f'0x{c:02X}' for c in _DTYPES)})")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DatasetError(f"IDX file {where} is truncated inside its header ({len(data)} bytes)")
-    shape = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    dtype = np.dtype(_DTYPES[code])
-    expected = header + math.prod(shape) * dtype.itemsize
-    if len(data) != expected:
-        problem = "truncated" if len(data) < expected else "longer than its header says"
-        raise DatasetError(f"IDX file {where} is {problem}: {len(data)} bytes, shape {shape} "
-                           f"of {dtype.name} needs {expected}")
+    dtype, shape, header = _read_header(io.BytesIO(data).read, where, packed)
+    _check_length(len(data), header, dtype, shape, where)
     values = np.frombuffer(data, dtype, offset=header).reshape(shape)
     return values.astype(dtype.newbyteorder("="))  # a native, writable copy
 
@@ -145,6 +180,20 @@ def parse_idx(data: bytes, where: str | os.PathLike) -> np.ndarray:
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file, gzipped or raw. Shape and dtype come from its header; DatasetError names the file."""
     return parse_idx(_read_file(path), path)
+
+
+def scan_idx(path: str | os.PathLike) -> IdxFile:
+    """Check an IDX file whole -- gzip stream, header, length -- streaming it (nothing is kept)."""
+    packed = _read_file(path, 2) == _GZIP_MAGIC
+    try:
+        with open(path, "rb") as handle, (gzip.GzipFile(fileobj=handle) if packed else
+                                          contextlib.nullcontext(handle)) as stream:
+            dtype, shape, header = _read_header(stream.read, path, packed)
+            size = header + sum(len(chunk) for chunk in iter(lambda: stream.read(_CHUNK), b""))
+    except _GZIP_ERRORS as error:  # BadGzipFile (a CRC or length mismatch) is an OSError
+        raise (_gzip_error(error, path) if packed else DatasetError(f"cannot read IDX file {path}: {error}")) from None
+    _check_length(size, header, dtype, shape, path)
+    return IdxFile(str(path), dtype, shape)
 
 
 def find_idx_files(directory: str | os.PathLike) -> dict[str, str]:
@@ -167,18 +216,54 @@ def find_idx_files(directory: str | os.PathLike) -> dict[str, str]:
     return found
 
 
-# ------------------------------------------------------------------------------------ importing
-def _check_images(images: np.ndarray, where: str) -> np.ndarray:
+# ------------------------------------------------------------------------------------ checking
+@dataclass(frozen=True)
+class IdxSource:
+    """A checked IDX directory: its four files and the class names the import will record."""
+
+    files: dict[str, IdxFile]  # canonical name -> file
+    class_names: tuple[str, ...]
+
+    @property
+    def train_rows(self) -> int:
+        return self.files[TRAIN_IMAGES].shape[0]
+
+
+def check_idx_options(*, validation_fraction: float, rows_per_shard: int, seed: int,
+                      class_names: Sequence[str] | None = None) -> None:
+    """Refuse import options out of range, naming the option; reads nothing."""
+    if not _is_real(validation_fraction) or not 0 < validation_fraction < 1:
+        raise DatasetError(f"validation_fraction must be a number in (0, 1), got {validation_fraction!r}")
+    if not _is_integer(rows_per_shard) or rows_per_shard <= 0:
+        raise DatasetError(f"rows_per_shard must be a positive integer, got {rows_per_shard!r}")
+    if not _is_integer(seed):
+        raise DatasetError(f"seed must be an integer, got {seed!r}")
+    if class_names is not None and (isinstance(class_names, str) or not class_names
+                                    or not all(isinstance(n, str) for n in class_names)):
+        raise DatasetError(f"class_names must be a non-empty list of strings, got {class_names!r}")
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_images(images: IdxFile) -> None:
     if images.dtype != np.uint8 or images.shape[1:] != IMAGE_SHAPE:
-        raise DatasetError(f"{where}: expected uint8 images of shape [N, 28, 28], got {images.dtype} {images.shape}")
-    return images
+        raise DatasetError(f"{images.path}: expected uint8 images of shape [N, 28, 28], "
+                           f"got {images.dtype} {images.shape}")
+    if not images.shape[0]:
+        raise DatasetError(f"{images.path} holds no images")
 
 
-def _check_labels(labels: np.ndarray, images: np.ndarray, num_classes: int | None, where: str) -> np.ndarray:
+def _check_labels(labels: np.ndarray, images: IdxFile, num_classes: int | None, where: str) -> np.ndarray:
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
         raise DatasetError(f"{where}: expected a 1-D integer label vector, got {labels.dtype} {labels.shape}")
-    if len(labels) != len(images):
-        raise DatasetError(f"{where}: {len(labels)} labels for {len(images)} images")
+    if len(labels) != images.shape[0]:
+        raise DatasetError(f"{where}: {len(labels)} labels for {images.shape[0]} images")
     labels = labels.astype(np.int64)
     bad = labels[(labels < 0) | (labels >= (num_classes if num_classes is not None else np.inf))]
     if bad.size:
@@ -186,15 +271,73 @@ def _check_labels(labels: np.ndarray, images: np.ndarray, num_classes: int | Non
     return labels
 
 
-def _resolve_classes(name: str, class_names: list[str] | None) -> tuple[str, ...] | None:
+def _resolve_classes(name: str, class_names: Sequence[str] | None) -> tuple[str, ...] | None:
     """The class names, or None when only the labels can tell (an unknown dataset, no names given)."""
     if class_names is not None:
-        if not class_names:
-            raise ValueError("class_names must not be empty")
         return tuple(class_names)
-    if name in CLASS_NAMES:
-        return CLASS_NAMES[name]
-    return None
+    return CLASS_NAMES.get(name)
+
+
+def _check_files(files: Mapping[str, IdxFile], labels: Mapping[str, np.ndarray], name: str,
+                 class_names: Sequence[str] | None) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """Check the four files agree (image shapes, one label per image, labels within the classes);
+    -> the labels as int64 by canonical name, and the class names."""
+    names = _resolve_classes(name, class_names)
+    limit = len(names) if names is not None else None
+    checked = {}
+    for images, key in ((TRAIN_IMAGES, TRAIN_LABELS), (TEST_IMAGES, TEST_LABELS)):
+        _check_images(files[images])
+        checked[key] = _check_labels(labels[key], files[images], limit, files[key].path)
+    if names is None:  # an IDX set kdray does not know: the labels define the classes
+        names = tuple(str(c) for c in range(int(max(part.max() for part in checked.values())) + 1))
+    return checked, names
+
+
+def _check_split(validation_fraction: float, train: IdxFile) -> None:
+    try:
+        validation_size(train.shape[0], validation_fraction)
+    except ValueError as error:
+        raise DatasetError(f"{train.path}: {error}") from None
+
+
+def check_idx_source(src_dir: str, *, validation_fraction: float, rows_per_shard: int, seed: int,
+                     name: str = "fashion-mnist", class_names: Sequence[str] | None = None) -> IdxSource:
+    """What `import_idx` checks of its options and source, without writing anything: the options,
+    then the four files whole (gzip streams, headers, lengths, one label per image, labels within
+    the classes) and that the split leaves rows on both sides; where the output may go is
+    `check_source_and_output`'s. DatasetError naming the option or file at fault.
+
+    Streams the image files; only the labels (a byte per image) are held in memory.
+    """
+    check_idx_options(validation_fraction=validation_fraction, rows_per_shard=rows_per_shard, seed=seed,
+                      class_names=class_names)
+    paths = find_idx_files(src_dir)
+    files = {key: scan_idx(path) for key, path in paths.items()}
+    _, names = _check_files(files, {key: read_idx(paths[key]) for key in (TRAIN_LABELS, TEST_LABELS)}, name,
+                            class_names)
+    _check_split(validation_fraction, files[TRAIN_IMAGES])
+    return IdxSource(files, names)
+
+
+def check_source_and_output(source: str | os.PathLike, output: Storage) -> None:
+    """Refuse an output dataset directory that is the IDX source, lies inside it or contains it
+    (symlinks resolved): replacing the output would delete the source files, and shards written
+    into the source would mix with them."""
+    src = Storage(os.fspath(source))
+    if src.contains(output) or output.contains(src):
+        raise DatasetError(f"the IDX source {source} and the output directory {output.location} must not contain "
+                           "each other (or be one directory): give an output directory apart from the source")
+
+
+# ------------------------------------------------------------------------------------ importing
+def validation_size(rows: int, validation_fraction: float) -> int:
+    """round(validation_fraction * rows), the validation split's size; ValueError if a split would be empty."""
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
+    count = round(validation_fraction * rows)
+    if not 0 < count < rows:
+        raise ValueError(f"validation_fraction {validation_fraction} of {rows} rows leaves an empty split")
+    return count
 
 
 def split_train_validation(rows: int, validation_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -203,14 +346,10 @@ def split_train_validation(rows: int, validation_fraction: float, seed: int) -> 
     round(validation_fraction * rows) rows go to validation, chosen by a permutation seeded with
     `seed`; the two sets are disjoint and together cover every row.
     """
-    if not 0 < validation_fraction < 1:
-        raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    validation_rows = round(validation_fraction * rows)
-    if not 0 < validation_rows < rows:
-        raise ValueError(f"validation_fraction {validation_fraction} of {rows} rows leaves an empty split")
-    order = np.random.default_rng(seed).permutation(rows)
+    count = validation_size(rows, validation_fraction)
+    order = np.random.default_rng(seed_entropy(seed)).permutation(rows)
     # Sorted, so each shard holds ids in file order: stable, readable, easy to diff.
-    return np.sort(order[validation_rows:]), np.sort(order[:validation_rows])
+    return np.sort(order[count:]), np.sort(order[:count])
 
 
 def _write_split(storage: Storage, split: str, ids: np.ndarray, images: np.ndarray, labels: np.ndarray,
@@ -227,27 +366,28 @@ def _write_split(storage: Storage, split: str, ids: np.ndarray, images: np.ndarr
 
 
 def import_idx(src_dir: str, storage: Storage, *, validation_fraction: float, rows_per_shard: int, seed: int,
-               name: str = "fashion-mnist", class_names: list[str] | None = None) -> DatasetManifest:
+               name: str = "fashion-mnist", class_names: Sequence[str] | None = None) -> DatasetManifest:
     """Import the four IDX files in `src_dir` into a kdray dataset at `storage`; returns its manifest.
 
     Rows are x: [784] float32 in [0, 1] (feature_shape (1, 28, 28)), y: int64. Train-file rows keep
     their index as id (0..N-1), test rows follow (N..N+M-1), so ids are unique across the splits.
-    The manifest is written last and records the SHA-256 of each IDX file.
+    The manifest is written last and records the SHA-256 of each IDX file. Nothing is written
+    unless the options, the files (as `check_idx_source` checks them) and `storage` (apart from
+    `src_dir`, see `check_source_and_output`) are sound: DatasetError naming what is not.
     """
-    if rows_per_shard <= 0:
-        raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
+    check_idx_options(validation_fraction=validation_fraction, rows_per_shard=rows_per_shard, seed=seed,
+                      class_names=class_names)
+    check_source_and_output(src_dir, storage)
     paths = find_idx_files(src_dir)
     raw = {key: _read_file(path) for key, path in paths.items()}
     arrays = {key: parse_idx(data, paths[key]) for key, data in raw.items()}
-    train_images = _check_images(arrays[TRAIN_IMAGES], paths[TRAIN_IMAGES])
-    test_images = _check_images(arrays[TEST_IMAGES], paths[TEST_IMAGES])
-    names = _resolve_classes(name, class_names)
-    limit = len(names) if names is not None else None
-    train_labels = _check_labels(arrays[TRAIN_LABELS], train_images, limit, paths[TRAIN_LABELS])
-    test_labels = _check_labels(arrays[TEST_LABELS], test_images, limit, paths[TEST_LABELS])
-    if names is None:  # an IDX set kdray does not know: the labels define the classes
-        names = tuple(str(c) for c in range(int(max(train_labels.max(initial=0), test_labels.max(initial=0))) + 1))
+    files = {key: IdxFile(paths[key], array.dtype, array.shape) for key, array in arrays.items()}
+    labels, names = _check_files(files, arrays, name, class_names)
+    _check_split(validation_fraction, files[TRAIN_IMAGES])
+    train_images, test_images = arrays[TRAIN_IMAGES], arrays[TEST_IMAGES]
+    train_labels, test_labels = labels[TRAIN_LABELS], labels[TEST_LABELS]
 
+    # Everything is checked: only now is the output touched.
     train_rows, validation_rows = split_train_validation(len(train_images), validation_fraction, seed)
     test_ids = len(train_images) + np.arange(len(test_images))
     storage.delete(MANIFEST)  # until the new manifest lands the directory reads as unfinished
@@ -346,16 +486,20 @@ def locate_idx_files(name: Literal["fashion-mnist", "mnist"], *, source: str | N
                               checksums=checksums or GZ_MD5[name], timeout=timeout)
 
 
-def fetch(name: Literal["fashion-mnist", "mnist"], storage: Storage, *, source: str | None = None,
+def fetch(name: Literal["fashion-mnist", "mnist"], storage: Storage, *, validation_fraction: float,
+          rows_per_shard: int, seed: int, class_names: Sequence[str] | None = None, source: str | None = None,
           cache_dir: str | None = None, base_url: str | None = None, checksums: Mapping[str, str] | None = None,
-          timeout: float = 60.0, **import_kwargs) -> DatasetManifest:
+          timeout: float = 60.0) -> DatasetManifest:
     """Get Fashion-MNIST or MNIST as a kdray dataset at `storage`; returns its manifest.
 
     The files come from the first of: `source` (DatasetError if it lacks any), the Debian package's
     directory, `cache_dir` (default ``~/.cache/kdray/NAME``), a download from `base_url` (default the
     official mirror) checked against `checksums` ({file name: MD5}, default the published ones).
-    `import_kwargs` go to `import_idx` (validation_fraction, rows_per_shard, seed, class_names).
+    The split options go to `import_idx`, and are checked before any file is looked for.
     """
+    options = dict(validation_fraction=validation_fraction, rows_per_shard=rows_per_shard, seed=seed,
+                   class_names=class_names)
+    check_idx_options(**options)
     directory = locate_idx_files(name, source=source, cache_dir=cache_dir, base_url=base_url,
                                  checksums=checksums, timeout=timeout)
-    return import_idx(directory, storage, name=name, **import_kwargs)
+    return import_idx(directory, storage, name=name, **options)

@@ -39,6 +39,7 @@ import pyarrow as pa
 import ray
 
 from kdray.config import SynthConfig
+from kdray.data import seed_entropy
 from kdray.data.shards import (MANIFEST, SPLITS, DatasetManifest, ShardInfo, shard_name, shard_table,
                                write_manifest, write_shard)
 from kdray.runtime import run_bounded
@@ -100,13 +101,8 @@ class SynthStructure:
         return labels, latent
 
 
-def _entropy(seed: int) -> int:
-    # SeedSequence takes non-negative integers; this is one-to-one for |seed| < 2**63.
-    return seed % (1 << 64)
-
-
 def _rng(cfg: SynthConfig, *key: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence(_entropy(cfg.seed), spawn_key=key))
+    return np.random.default_rng(np.random.SeedSequence(seed_entropy(cfg.seed), spawn_key=key))
 
 
 def class_groups(cfg: SynthConfig) -> np.ndarray:
