@@ -37,21 +37,27 @@ class Section(BaseModel):
 class SynthConfig(Section):
     """The synthetic many-class dataset with planted confusable groups (see kdray.data.synth)."""
 
-    rows: PositiveInt = 24_000
-    validation_rows: PositiveInt = 4_000
-    test_rows: PositiveInt = 8_000
-    classes: PositiveInt = 40
-    groups: PositiveInt = 8
-    dim: PositiveInt = 32
-    latent_dim: PositiveInt = 8
-    shards: PositiveInt = 4
-    group_spread: PositiveFloat = 6.0
-    class_spread: PositiveFloat = 1.0
-    noise: PositiveFloat = 0.75
-    # The last `bridges` class ids draw half their rows in the group nearest their own, so they
-    # are confusable with both (kdray.data.synth): what overlapping specialists are for.
-    bridges: NonNegativeInt = 0
-    seed: int = 0
+    rows: PositiveInt = Field(24_000, description="Rows of the training split.")
+    validation_rows: PositiveInt = Field(4_000, description="Rows of the validation split.")
+    test_rows: PositiveInt = Field(8_000, description="Rows of the test split.")
+    classes: PositiveInt = Field(40, description="Number of classes.")
+    groups: PositiveInt = Field(
+        8, description="Confusable groups the classes are planted in (at most `classes`): classes of one group "
+                       "overlap, groups lie apart. The manifest records each class's group.")
+    dim: PositiveInt = Field(32, description="Features per row.")
+    latent_dim: PositiveInt = Field(
+        8, description="Dimension of the latent space where groups and classes are drawn, before a fixed "
+                       "random non-linear map to `dim` features.")
+    shards: PositiveInt = Field(4, description="Parquet shards per split, each written by one Ray task.")
+    group_spread: PositiveFloat = Field(6.0, description="Standard deviation of the group centres in latent space.")
+    class_spread: PositiveFloat = Field(
+        1.0, description="Standard deviation of a class's mean around its group's centre.")
+    noise: PositiveFloat = Field(0.75, description="Standard deviation of a row around its class's mean.")
+    bridges: NonNegativeInt = Field(
+        0, description="The last `bridges` classes draw half their rows in the group nearest their own, so they "
+                       "are confusable with two groups: the classes overlapping specialists are for.")
+    seed: int = Field(0, description="Seed of the whole dataset; the rows are the same for a seed whatever the "
+                                     "number of Ray workers.")
 
     @model_validator(mode="after")
     def _groups_fit(self) -> SynthConfig:
@@ -66,14 +72,23 @@ class SynthConfig(Section):
 
 
 class DataConfig(Section):
-    source: Literal["synth", "parquet", "fashion-mnist", "mnist"] = "synth"
-    # parquet: a kdray dataset directory (required). fashion-mnist / mnist: a local folder with
-    # the IDX files (optional; the Debian copy, then a download, are tried otherwise).
-    path: str | None = Field(None, validate_default=True)  # validated even when absent
-    synth: SynthConfig = SynthConfig()
-    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = 1 / 12
-    rows_per_shard: PositiveInt = 10_000
-    seed: int = 0
+    """The dataset every stage reads: generated, a kdray Parquet dataset, or imported IDX images."""
+
+    source: Literal["synth", "parquet", "fashion-mnist", "mnist"] = Field(
+        "synth", description="`synth`: generate the data; `parquet`: a kdray dataset directory; "
+                             "`fashion-mnist`, `mnist`: import the IDX files.")
+    path: str | None = Field(  # validated even when absent, so `parquet` without a path fails
+        None, validate_default=True,
+        description="`parquet`: the kdray dataset directory (required). `fashion-mnist`, `mnist`: a local folder "
+                    "with the IDX files (optional; the Debian package's copy, then a download, are tried "
+                    "otherwise).")
+    synth: SynthConfig = Field(SynthConfig(), description="The synthetic dataset, when `source` is `synth`.")
+    validation_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        1 / 12, description="`fashion-mnist`, `mnist`: share of the training images held out as the validation "
+                            "split.")
+    rows_per_shard: PositiveInt = Field(
+        10_000, description="`fashion-mnist`, `mnist`: rows per Parquet shard of the imported dataset.")
+    seed: int = Field(0, description="`fashion-mnist`, `mnist`: seed of the validation split's draw.")
 
     def fingerprint_view(self) -> dict[str, Any]:
         """What the data stage's result depends on: `synth` only when it generates the data, so
@@ -96,7 +111,9 @@ class ModelConfig(BaseModel):
     """`name` is a registered model or `package.module:factory`; other keys are its arguments."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = "mlp"
+    name: str = Field(
+        "mlp", description="A registered model (`mlp`, `cnn`) or an import path `package.module:factory`; "
+                           "the section's other keys are passed to it as arguments.")
 
     @property
     def options(self) -> dict[str, Any]:
@@ -115,22 +132,39 @@ class ModelConfig(BaseModel):
 
 
 class TrainConfig(Section):
-    epochs: PositiveInt = 10
-    batch_size: PositiveInt = 256
-    optimizer: Literal["sgd", "adam", "adamw"] = "adam"
-    lr: PositiveFloat = 1e-3
-    momentum: UnitFloat = 0.9
-    weight_decay: NonNegativeFloat = 0.0
-    lr_schedule: Literal["constant", "cosine", "step"] = "cosine"
-    max_norm: PositiveFloat | None = None  # the paper's per-unit weight constraint
-    seed: int = 0
+    """One model's training, in the loop every model that trains on a dataset shares."""
+
+    epochs: PositiveInt = Field(
+        10, description="Passes over the model's training rows (a student's: the transfer set, copies included).")
+    batch_size: PositiveInt = Field(256, description="Rows per optimisation step of each worker.")
+    optimizer: Literal["sgd", "adam", "adamw"] = Field(
+        "adam", description="`sgd` (with `momentum`), `adam`, or `adamw` (decoupled weight decay).")
+    lr: PositiveFloat = Field(1e-3, description="Learning rate at the start of the schedule.")
+    momentum: UnitFloat = Field(0.9, description="SGD's momentum; unused by `adam` and `adamw`.")
+    weight_decay: NonNegativeFloat = Field(
+        0.0, description="Weight decay: an L2 penalty for `sgd` and `adam`, decoupled for `adamw`.")
+    lr_schedule: Literal["constant", "cosine", "step"] = Field(
+        "cosine", description="Stepped once per epoch: `cosine` anneals to 0 over `epochs`; `step` divides the "
+                              "rate by 10 every third of `epochs`; `constant` keeps it.")
+    max_norm: PositiveFloat | None = Field(
+        None, description="The paper's weight constraint: after every step, each hidden unit's incoming weight "
+                          "vector is scaled back to this L2 norm if longer; null: none.")
+    seed: int = Field(0, description="Seed of the initial weights and the batch order (ensemble members add "
+                                     "1009 × their index).")
 
 
 class TeacherConfig(Section):
-    model: ModelConfig = ModelConfig(name="mlp", hidden=[1200, 1200], dropout=0.5, input_dropout=0.2)
-    train: TrainConfig = TrainConfig(epochs=12)
-    ensemble_size: PositiveInt = 1
-    member_data_fraction: OpenUnitFloat = 1.0  # each member sees this random fraction of train
+    """The teacher (the paper's cumbersome model): one big net, or an ensemble whose prediction is
+    the mean of its members' probabilities."""
+
+    model: ModelConfig = Field(
+        ModelConfig(name="mlp", hidden=[1200, 1200], dropout=0.5, input_dropout=0.2),
+        description="The teacher's architecture (each member's, for an ensemble).")
+    train: TrainConfig = Field(TrainConfig(epochs=12), description="The teacher's training (each member's).")
+    ensemble_size: PositiveInt = Field(
+        1, description="Members, trained with different seeds, up to `resources.concurrent_members` at once.")
+    member_data_fraction: OpenUnitFloat = Field(
+        1.0, description="Each member trains on this random fraction of the training split (1: all of it).")
 
 
 MIXUP_FIELDS = ("augment", "mixup_alpha", "mixup_partners")
@@ -139,24 +173,35 @@ MIXUP_FIELDS = ("augment", "mixup_alpha", "mixup_partners")
 class TransferConfig(Section):
     """Which rows the teacher labels with soft targets."""
 
-    fraction: OpenUnitFloat = 1.0  # of the training split (the paper's 3% experiment: 0.03)
-    omit_classes: list[NonNegativeInt] = []  # the paper's omitted-3 experiment
-    dataset: str | None = None  # a separate (possibly unlabeled) kdray dataset instead of train
-    top_k: PositiveInt | None = None  # keep only the top-k logits plus the rest's log-mass
-    use_labels: bool = True  # False: the student sees only soft targets
-    # >1: the teacher also labels copies - 1 augmented versions of each row, so the student sees
-    # its answers beyond the training rows themselves, where overfitted ensemble members (which
-    # agree on every training row) disagree (kdray.transfer; benchmarks/distillation.md: what each
-    # was worth, measured over seeds). `jitter`: each copy shifted by up to `jitter` pixels per
-    # axis (images only; jobs/ensemble.yaml). `mixup`: each copy an unlabeled blend
-    # lam * row + (1 - lam) * partner, lam ~ Beta(mixup_alpha, mixup_alpha), the partner one of
-    # `mixup_partners` transfer rows (any features; jobs/fashion_mnist.yaml).
-    copies: PositiveInt = 1
-    augment: Literal["jitter", "mixup"] = "jitter"
-    jitter: PositiveInt = 2
-    mixup_alpha: PositiveFloat = 1.0
-    mixup_partners: PositiveInt = 4096
-    seed: int = 0
+    fraction: OpenUnitFloat = Field(
+        1.0, description="Share of the training split in the transfer set (the paper's 3% experiment: 0.03).")
+    omit_classes: list[NonNegativeInt] = Field(
+        [], description="Classes left out of the transfer set (the paper's omitted-3 experiment); the results "
+                        "also count each model's test errors on them.")
+    dataset: str | None = Field(
+        None, description="A separate kdray dataset, labels optional, to use as the transfer set instead of the "
+                          "training split; null: the training split.")
+    top_k: PositiveInt | None = Field(
+        None, description="Keep only the teacher's top-k log-probabilities per row plus the rest's log-mass; "
+                          "null: all of them.")
+    use_labels: bool = Field(True, description="false: the student sees only soft targets (no hard-label term).")
+    # Copies let the student see the teacher's answers beyond the training rows themselves, where
+    # overfitted ensemble members (which agree on every training row) disagree.
+    copies: PositiveInt = Field(
+        1, description="K > 1: the teacher also labels K − 1 augmented copies of each row, still in one pass; "
+                       "each row is followed by its copies.")
+    augment: Literal["jitter", "mixup"] = Field(
+        "jitter", description="How copies are made: `jitter` shifts each copy by up to `jitter` pixels per axis "
+                              "(images only); `mixup` makes each copy an unlabelled blend of the row and a "
+                              "partner row (any features).")
+    jitter: PositiveInt = Field(2, description="`augment: jitter`: the largest shift, in pixels per axis.")
+    mixup_alpha: PositiveFloat = Field(
+        1.0, description="`augment: mixup`: a copy is λ·row + (1 − λ)·partner, "
+                         "λ ~ Beta(mixup_alpha, mixup_alpha).")
+    mixup_partners: PositiveInt = Field(
+        4096, description="`augment: mixup`: transfer rows drawn once as the partners.")
+    seed: int = Field(0, description="Seed of the `fraction` sample, the mixup partners and each copy's shift or "
+                                     "λ (hashed from the copy's id, so independent of batching).")
 
     def fingerprint_view(self) -> dict[str, Any]:
         """What the transfer stage's result depends on: the mixup fields only when mixup copies
@@ -166,35 +211,51 @@ class TransferConfig(Section):
 
 
 class DistillConfig(Section):
-    temperature: PositiveFloat = 4.0
-    hard_weight: UnitFloat = 0.1
-    student: ModelConfig = ModelConfig(name="mlp", hidden=[800, 800])
-    train: TrainConfig = TrainConfig()
-    transfer: TransferConfig = TransferConfig()
-    baseline: bool = True  # also train the same student on hard labels only, same budget
-    bias_correction: bool = False  # fit per-class logit biases on the validation split
+    """The student and what it learns from: (1 − hard_weight) · T² · KL(teacher ‖ student) at
+    temperature T, plus hard_weight · cross-entropy with the true labels."""
+
+    temperature: PositiveFloat = Field(
+        4.0, description="T: both distributions of the soft term are softmax(logits / T); the term is scaled "
+                         "by T².")
+    hard_weight: UnitFloat = Field(
+        0.1, description="Weight of the hard-label term; the soft term gets 1 − hard_weight.")
+    student: ModelConfig = Field(ModelConfig(name="mlp", hidden=[800, 800]), description="The student's architecture.")
+    train: TrainConfig = Field(TrainConfig(), description="The student's training.")
+    transfer: TransferConfig = Field(TransferConfig(), description="Which rows the teacher labels.")
+    baseline: bool = Field(
+        True, description="Also train the student's architecture on hard labels only, for the same number of "
+                          "updates, on the labelled rows the transfer set was drawn from.")
+    bias_correction: bool = Field(
+        False, description="Fit a per-class logit bias on the validation split and evaluate the student with "
+                           "it as well.")
 
 
 # ------------------------------------------------------------------------------------ specialists
 class ClusteringConfig(Section):
-    enabled: bool = False
-    num_specialists: PositiveInt = 8
-    min_size: PositiveInt = 2
-    max_size: PositiveInt | None = None
-    memberships: PositiveInt = 1  # >1: a class may join that many subsets (the paper's overlap)
-    overlap_margin: NonNegativeFloat = 0.5  # extra subsets within (1 + margin) x the own centroid's distance
-    # ...and holding at least this share of the class's positive co-variation with other classes
-    # (its confusions). 0: distance alone. On jobs/specialists_overlap.yaml distance ratios do not
-    # tell the planted two-group classes (1.13-1.77) from plain ones (1.18-1.68); shares do
-    # (bridges 0.19-0.50, plain classes at most 0.25).
-    overlap_min_share: UnitFloat = 0.0
-    batch_size: PositiveInt = 8  # online k-means: columns per update
-    epochs: PositiveInt = 20  # online k-means: passes over the columns
-    # online k-means: seeds tried, least inertia kept. On jobs/specialists.yaml's covariance (200
-    # classes, 20 planted groups) 8 restarts merged two groups (ARI 0.93, inertia 93.1 against the
-    # planted partition's 91.0); 64 found the planted partition for each of 4 seeds (~1 s).
-    restarts: PositiveInt = 64
-    seed: int = 0
+    """The generalist's classes split into specialists' subsets: online k-means over the columns of
+    the covariance of its predicted probabilities on the validation split."""
+
+    enabled: bool = Field(
+        False, description="Add the clustering and specialists stages after the teacher, which becomes the "
+                           "generalist.")
+    num_specialists: PositiveInt = Field(8, description="Subsets, one specialist each.")
+    min_size: PositiveInt = Field(2, description="Fewest classes in a subset.")
+    max_size: PositiveInt | None = Field(None, description="Most classes in a subset; null: no limit.")
+    memberships: PositiveInt = Field(
+        1, description="Subsets a class may belong to; > 1: the paper's overlapping subsets.")
+    overlap_margin: NonNegativeFloat = Field(
+        0.5, description="With `memberships` > 1, a class may join a further subset whose centroid lies within "
+                         "(1 + margin) × its own centroid's distance (and see `overlap_min_share`).")
+    # Distance alone does not tell a class confusable with two groups from a plain one; its share of
+    # the confusions does (benchmarks/specialists.md, jobs/specialists_overlap.yaml).
+    overlap_min_share: UnitFloat = Field(
+        0.0, description="A further subset's classes must also hold at least this share of the class's positive "
+                         "covariance with other classes (its confusions); 0: distance alone.")
+    batch_size: PositiveInt = Field(8, description="Online k-means: columns per update.")
+    epochs: PositiveInt = Field(20, description="Online k-means: passes over the columns.")
+    # Fewer restarts can merge two planted groups into one subset (benchmarks/specialists.md).
+    restarts: PositiveInt = Field(64, description="Online k-means: seeds tried; the least inertia is kept.")
+    seed: int = Field(0, description="Seed of the k-means restarts.")
 
     @model_validator(mode="after")
     def _sizes_ordered(self) -> ClusteringConfig:
@@ -204,28 +265,48 @@ class ClusteringConfig(Section):
 
 
 class SpecialistsConfig(Section):
-    train: TrainConfig = TrainConfig(epochs=4)
-    subset_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.5  # share of each stream from its own classes
-    soft_target_weight: UnitFloat = 0.0  # generalist soft targets as a regulariser
-    temperature: PositiveFloat = 2.0  # of those soft targets, and of distill_back's
-    top_n: PositiveInt = 1  # the generalist's top-n classes select the active specialists
-    distill_back: bool = False  # distil generalist + specialists into one student
-    distill_train: TrainConfig = TrainConfig(epochs=4)  # that student (the generalist's architecture)
-    distill_hard_weight: UnitFloat = 0.1
-    max_concurrent: PositiveInt | None = None  # specialists training at once; None: as many as CPUs allow
+    """One specialist per subset: the generalist's body with a head over the subset plus a dustbin
+    class, trained on a stream half from its own classes."""
+
+    train: TrainConfig = Field(TrainConfig(epochs=4), description="Each specialist's training.")
+    subset_fraction: Annotated[float, Field(gt=0, lt=1)] = Field(
+        0.5, description="Share of each specialist's stream from its own classes; the rest is a new sample of "
+                         "the other classes each epoch.")
+    soft_target_weight: UnitFloat = Field(
+        0.0, description="Weight of the generalist's soft targets, as a regulariser; 0: hard labels only.")
+    temperature: PositiveFloat = Field(
+        2.0, description="Temperature of those soft targets, and of `distill_back`'s.")
+    top_n: PositiveInt = Field(
+        1, description="At inference the generalist's top-n classes select the active specialists.")
+    distill_back: bool = Field(
+        False, description="Distil generalist + specialists into one net of the generalist's architecture.")
+    distill_train: TrainConfig = Field(TrainConfig(epochs=4), description="That net's training.")
+    distill_hard_weight: UnitFloat = Field(0.1, description="That net's weight on the hard labels.")
+    max_concurrent: PositiveInt | None = Field(
+        None, description="Specialists training at once; null: as many as the cluster's resources allow.")
 
 
 class SweepConfig(Section):
-    enabled: bool = False
-    search: Literal["grid", "random"] = "grid"
-    temperatures: Annotated[list[PositiveFloat], Field(min_length=1)] = [1.0, 2.0, 4.0, 8.0, 20.0]
-    hard_weights: Annotated[list[UnitFloat], Field(min_length=1)] = [0.0, 0.1, 0.5]
-    widths: list[PositiveInt] = []  # hidden width of a 2-layer student; [] keeps distill.student
-    num_samples: PositiveInt = 1
-    max_epochs: PositiveInt = 10
-    grace_period: PositiveInt = 2
-    metric: Literal["val_error", "val_nll"] = "val_error"
-    seed: int = 0  # of random search's draws
+    """A Ray Tune sweep of the student over the cached transfer set, ASHA stopping trials that fall
+    behind."""
+
+    enabled: bool = Field(False, description="Run the sweep in `kdray run` too (`kdray sweep` always does).")
+    search: Literal["grid", "random"] = Field(
+        "grid", description="`grid`: every combination; `random`: `num_samples` draws from the same lists.")
+    temperatures: Annotated[list[PositiveFloat], Field(min_length=1)] = Field(
+        [1.0, 2.0, 4.0, 8.0, 20.0], description="Values of `distill.temperature` tried.")
+    hard_weights: Annotated[list[UnitFloat], Field(min_length=1)] = Field(
+        [0.0, 0.1, 0.5], description="Values of `distill.hard_weight` tried.")
+    widths: list[PositiveInt] = Field(
+        [], description="Hidden widths of a 2-layer `mlp` student tried; []: `distill.student` as it is.")
+    num_samples: PositiveInt = Field(
+        1, description="`grid`: times the grid is run; `random`: trials drawn.")
+    max_epochs: PositiveInt = Field(10, description="Epochs of a trial ASHA does not stop.")
+    grace_period: PositiveInt = Field(
+        2, description="Epochs every trial gets before ASHA may stop it (its first rung).")
+    metric: Literal["val_error", "val_nll"] = Field(
+        "val_error", description="Validation metric ASHA and the choice of the best trial minimise.")
+    seed: int = Field(0, description="Seed of random search's draws.")
 
     @model_validator(mode="after")
     def _grace_within_budget(self) -> SweepConfig:
@@ -236,30 +317,44 @@ class SweepConfig(Section):
 
 # ------------------------------------------------------------------------------------ runtime
 class ResourcesConfig(Section):
-    num_workers: PositiveInt = 1
-    use_gpu: bool | Literal["auto"] = "auto"
-    cpus_per_worker: PositiveFloat = 1.0
-    gpus_per_worker: NonNegativeFloat = 1.0
-    # Training runs at once: ensemble members, or the student and its baseline (fewer where the
-    # cluster's CPUs could not also serve their Ray Data reads: kdray.train.concurrent_fits).
-    concurrent_members: PositiveInt = 2
-    specialist_cpus: PositiveFloat = 0.25
-    specialist_gpus: NonNegativeFloat = 0.25
-    max_concurrent_trials: PositiveInt = 2
-    max_failures: NonNegativeInt = 2
-    # A training worker keeps its shard of the training split (and rank 0 the validation split) in
-    # memory after the first epoch when it fits in this many MiB, and skips streaming it again;
-    # 0 streams every epoch. Counted per worker, on its device.
-    epoch_cache_mb: NonNegativeInt = 1024
-    local_num_cpus: PositiveInt | None = None  # logical CPUs for an in-process local Ray
+    """What the stages ask Ray for."""
+
+    num_workers: PositiveInt = Field(1, description="Ray Train workers per training run (data-parallel).")
+    use_gpu: bool | Literal["auto"] = Field(
+        "auto", description="`true`: train on GPUs (an autoscaler adds GPU nodes); `false`: CPUs; `auto`: GPUs "
+                            "if the cluster has them now.")
+    cpus_per_worker: PositiveFloat = Field(1.0, description="CPUs each Ray Train worker reserves.")
+    gpus_per_worker: NonNegativeFloat = Field(1.0, description="GPUs each Ray Train worker reserves, when GPUs "
+                                                               "are used.")
+    # Fewer start where the cluster's CPUs could not also serve their Ray Data reads: a read
+    # waits forever for a CPU that training runs hold (kdray.train.concurrent_fits).
+    concurrent_members: PositiveInt = Field(
+        2, description="Training runs at once: ensemble members, or the student and its baseline.")
+    specialist_cpus: PositiveFloat = Field(0.25, description="CPUs each specialist actor reserves.")
+    specialist_gpus: NonNegativeFloat = Field(
+        0.25, description="GPUs each specialist actor reserves, when GPUs are used.")
+    max_concurrent_trials: PositiveInt = Field(2, description="Sweep trials at once.")
+    max_failures: NonNegativeInt = Field(
+        2, description="Restarts of a failed Ray Train worker group from its latest checkpoint.")
+    epoch_cache_mb: NonNegativeInt = Field(
+        1024, description="A training worker keeps its share of the training split (rank 0 also the "
+                          "validation split) in memory after the first epoch when it fits in this many MiB on "
+                          "its device, and replays it; 0: stream every epoch.")
+    local_num_cpus: PositiveInt | None = Field(
+        None, description="Logical CPUs of an in-process local Ray; null: Ray's count of the machine's.")
 
 
 _RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 class StorageConfig(Section):
-    storage_path: str = "~/kdray-runs"  # local path or URI (s3://, gs://, file://)
-    run_name: str = "default"
+    """Where runs are written: STORAGE_PATH/RUN_NAME/STAGE/."""
+
+    storage_path: str = Field(
+        "~/kdray-runs", description="Local path or URI (`s3://`, `gs://`, `file://`) holding the runs.")
+    run_name: str = Field(
+        "default", description="The run's directory under `storage_path`; running a finished or interrupted "
+                               "run again resumes it.")
 
     @field_validator("run_name")
     @classmethod
@@ -270,14 +365,16 @@ class StorageConfig(Section):
 
 
 class Config(Section):
-    data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig()
-    distill: DistillConfig = DistillConfig()
-    clustering: ClusteringConfig = ClusteringConfig()
-    specialists: SpecialistsConfig = SpecialistsConfig()
-    sweep: SweepConfig = SweepConfig()
-    resources: ResourcesConfig = ResourcesConfig()
-    storage: StorageConfig = StorageConfig()
+    """A whole run: one section per part of the pipeline."""
+
+    data: DataConfig = Field(DataConfig(), description="The dataset.")
+    teacher: TeacherConfig = Field(TeacherConfig(), description="The teacher, or the generalist with specialists.")
+    distill: DistillConfig = Field(DistillConfig(), description="The student and its soft targets.")
+    clustering: ClusteringConfig = Field(ClusteringConfig(), description="The specialists' class subsets.")
+    specialists: SpecialistsConfig = Field(SpecialistsConfig(), description="The specialists.")
+    sweep: SweepConfig = Field(SweepConfig(), description="The Ray Tune sweep of the student.")
+    resources: ResourcesConfig = Field(ResourcesConfig(), description="What the stages ask Ray for.")
+    storage: StorageConfig = Field(StorageConfig(), description="Where runs are written.")
 
     def model_factories(self) -> tuple[str, ...]:
         """The `package.module:factory` import paths this config names: the only code a run may
@@ -462,3 +559,87 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
 
 def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------ reference
+_BOUNDS = {"gt": ("(", ">"), "ge": ("[", "≥"), "lt": (")", "<"), "le": ("]", "≤")}
+
+
+def _constraints(metadata: list) -> str:
+    """` > 0`, ` in [0, 1]`, ` (at least 1)` from pydantic's annotated-types metadata."""
+    bounds = {name: getattr(item, name) for item in metadata for name in _BOUNDS if hasattr(item, name)}
+    lower = next(((name, value) for name, value in bounds.items() if name in ("gt", "ge")), None)
+    upper = next(((name, value) for name, value in bounds.items() if name in ("lt", "le")), None)
+    text = ""
+    if lower and upper:
+        text = f" in {_BOUNDS[lower[0]][0]}{lower[1]:g}, {upper[1]:g}{_BOUNDS[upper[0]][0]}"
+    elif lower or upper:
+        name, value = lower or upper
+        text = f" {_BOUNDS[name][1]} {value:g}"
+    lengths = [item.min_length for item in metadata if getattr(item, "min_length", None)]
+    return text + (f" (at least {lengths[0]})" if lengths else "")
+
+
+def _type_text(annotation: Any, metadata: list = ()) -> str:
+    """A field's type as a reader writes it in YAML: `int > 0`, `list of float in [0, 1]`, `null`."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        inner = [item for extra in args[1:] for item in getattr(extra, "metadata", [extra])]
+        return _type_text(args[0], [*inner, *metadata])
+    if origin is Literal:
+        return " or ".join(f'"{value}"' for value in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(arg) for arg in args) + _constraints(list(metadata))
+    if origin is list:
+        return f"list of {_type_text(args[0])}" + _constraints(list(metadata))
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation)) + _constraints(list(metadata))
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _value_text(value: Any) -> str:
+    import json
+
+    return "`" + json.dumps(value, ensure_ascii=False) + "`"
+
+
+def _section_reference(model: BaseModel, path: str, description: str, level: int, out: list[str]) -> None:
+    """Append `path`'s heading, `description` and a table of every field of `model` with its value
+    in the default `model`; then one such part per nested section, depth first."""
+    fields = type(model).model_fields
+    nested = [name for name, field in fields.items() if isinstance(getattr(model, name), BaseModel)]
+    out += ["#" * level + f" `{path}`", "", _cell(description), ""]
+    rows = []
+    for name, field in fields.items():
+        if name in nested:
+            continue
+        rows.append(f"| `{path}.{name}` | {_cell(_type_text(field.annotation, field.metadata))} | "
+                    f"{_cell(_value_text(getattr(model, name)))} | {_cell(field.description or '')} |")
+    for name, value in (model.model_extra or {}).items():  # a ModelConfig default's arguments
+        rows.append(f"| `{path}.{name}` | model argument | {_cell(_value_text(value))} | "
+                    f"An argument of the model `{model.name}` (see the model arguments above). |")
+    if type(model).model_config.get("extra") == "allow":
+        rows.append(f"| `{path}.*` | model argument | | Any other argument the model takes. |")
+    if rows:
+        out += ["| key | type | default | description |", "|---|---|---|---|", *rows, ""]
+    for name in nested:
+        _section_reference(getattr(model, name), f"{path}.{name}", fields[name].description or "", 3, out)
+
+
+def config_reference() -> str:
+    """Markdown for docs/configuration.md: per section of `Config`, a table of every key (dotted
+    path), its type, its default and its description, nested sections after their parent."""
+    out: list[str] = []
+    defaults = Config()
+    for name in Config.model_fields:
+        section = getattr(defaults, name)
+        doc = " ".join(line.strip() for line in (type(section).__doc__ or "").splitlines() if line.strip())
+        _section_reference(section, name, doc, 2, out)
+    return "\n".join(out).rstrip() + "\n"
