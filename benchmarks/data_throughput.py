@@ -6,7 +6,7 @@ training-shaped loop, relative to the same loop over the same arrays held in mem
 Both loops run in this process with the same model, batch size and torch threads, taking turns
 epoch by epoch; the figure is rows/s streamed ÷ rows/s in memory (issue target: >= 0.9 at batch 256).
 The shards are read as kdray reads them (`kdray.data.shards.read_split`, with its
-`kdray.raydata` tuning). `--cpu` (Linux) also prints where each loop's CPU time went, per timed
+`kdray.runtime.raydata` tuning). `--cpu` (Linux) also prints where each loop's CPU time went, per timed
 epoch: the training thread, this process's other threads, and the local Ray instance's processes
 by name (its worker processes, its actors, raylet, GCS...). On a machine whose cores share their
 execution units (a VM's vCPUs often do) any CPU used beside the loop slows the loop itself.
@@ -18,6 +18,7 @@ import argparse
 import logging
 import os
 import platform
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -32,9 +33,12 @@ from torch import nn
 from kdray.config import SynthConfig
 from kdray.data.shards import read_manifest, read_split
 from kdray.data.synth import write_synthetic_dataset
-from kdray.procfs import descends_from, live_processes
-from kdray.storage import Storage
-from kdray.train import shuffle_window, stream_tensors, window_rows
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import shuffle_window, stream_tensors, window_rows
+
+# The fault and /proc harness is shared with the tests, which hold it (it ships in no package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from procfs import descends_from, live_processes  # noqa: E402
 
 
 def training_step_loop(batches, model: nn.Module, optimizer: torch.optim.Optimizer) -> int:

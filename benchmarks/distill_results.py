@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from kdray.storage import Storage
+from kdray.runtime.storage import Storage
 
 RESULTS = "results.json"
 PAPER = {"gap_recovered": 0.91, "ensemble_gain_kept": 0.86}
@@ -52,7 +52,7 @@ def run_figures(run: Storage) -> dict[str, Any]:
         "test_error": {name: metrics["error_rate"] for name, metrics in sorted(test.items())},
         "derived": results["derived"],
     }
-    if "omitted_classes" in results:  # written by the evaluate stage (kdray.evaluate.omitted_class_errors)
+    if "omitted_classes" in results:  # written by the evaluate stage (kdray.evaluation.evaluate.omitted_class_errors)
         figures["omitted"] = results["omitted_classes"]
     fraction = run.read_json("transfer", "manifest.json")["summary"].get("fraction", 1.0)
     if fraction < 1.0 and {"baseline", "student", "teacher"} <= test.keys():

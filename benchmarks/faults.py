@@ -6,16 +6,16 @@ One config (synthetic data with --rows training rows, 8 classes in 4 confusable 
 teacher and a smaller student, --epochs each) runs uninterrupted once, in this process, as the
 reference. Then each fault, measured from what the run wrote:
 
-- a Ray Train worker killed mid-epoch: the teacher's training run again through `kdray.train.fit`
+- a Ray Train worker killed mid-epoch: the teacher's training run again through `kdray.runtime.train.fit`
   with `fail_at_epoch=1` (rank 0 exits in the middle of epoch 2) and a callback that logs every
   report and failure Ray Train sees (kdray's runs poll their workers every
-  `kdray.train.TRAIN_POLL_S`: at Ray Train's default 2 s the worker often dies before Ray Train has
+  `kdray.runtime.train.TRAIN_POLL_S`: at Ray Train's default 2 s the worker often dies before Ray Train has
   collected epoch 1's report, and the injected fault then strikes again on every retry);
 - a specialist actor killed: one specialist (clustering on the reference's teacher) trained by
   `train_specialists` with `fail_at_epoch=1`;
 - the driver killed inside a stage and between stages: `kdray run` as a child process SIGKILLed
   once the teacher has checkpointed an epoch, run again and SIGKILLed once the transfer stage's
-  manifest is written, run a third time to the end (`kdray.faults.kill_inside_and_between`);
+  manifest is written, run a third time to the end (`tests/fault_harness.py`'s `kill_inside_and_between`);
 - a truncated shard: a copy of the dataset with 100 bytes cut off one shard, run through the data
   stage;
 - an unwritable storage path: `kdray run` with a storage path under a regular file.
@@ -47,21 +47,24 @@ import torch
 import yaml
 from ray.train import UserCallback
 
-from kdray.artifacts import save_bundle
 from kdray.cli import main as kdray_main
-from kdray.clustering import CLASS_INDEX, INDEX_MANIFEST, SUBSETS
 from kdray.config import load_config
 from kdray.data import read_manifest, read_split, sample_rows
-from kdray.evaluate import RESULTS
-from kdray.faults import (differences, kill_inside_and_between, stage_lines, weight_differences,
-                          without_timing)
-from kdray.inference import ModelRef
-from kdray.pipeline import MANIFEST, read_stage_manifest, run_pipeline
-from kdray.specialists import FAILED_ONCE, HISTORY, epoch_rows, specialist_jobs, train_specialists
-from kdray.stages import pipeline_stages, stages_for
-from kdray.storage import Storage
-from kdray.teacher import member_name, member_spec
-from kdray.train import fit
+from kdray.distill.teacher import member_name, member_spec
+from kdray.evaluation.evaluate import RESULTS
+from kdray.evaluation.inference import ModelRef
+from kdray.pipeline import pipeline_stages, run_pipeline, stages_for
+from kdray.runtime.artifacts import save_bundle
+from kdray.runtime.stage import MANIFEST, read_stage_manifest
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import fit
+from kdray.specialists.actors import FAILED_ONCE, HISTORY, epoch_rows, specialist_jobs, train_specialists
+from kdray.specialists.clustering import CLASS_INDEX, INDEX_MANIFEST, SUBSETS
+
+# The fault and /proc harness is shared with the tests, which hold it (it ships in no package).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fault_harness import differences, kill_inside_and_between, stage_lines, weight_differences, without_timing  # noqa: E402
+
 
 def bench_config(rows: int, epochs: int, cpus: int) -> dict:
     train = {"epochs": epochs, "batch_size": 64, "lr": 0.01}

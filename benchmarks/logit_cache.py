@@ -22,22 +22,35 @@ import time
 from typing import Any
 
 import torch
+
+# The sibling benchmarks (this script's directory is on sys.path when it runs).
+from data_throughput import load_arrays
+from student_throughput import (
+    add_common_arguments,
+    benchmark_config,
+    build_teacher,
+    epoch_figures,
+    machine,
+    plain_history,
+    prepare_dataset,
+    run_and_report,
+    run_transfer_stage,
+    save_teacher,
+    setup_figures,
+    teacher_outputs,
+    timed_fit,
+    worker_torch_threads,
+)
 from torch import nn
 
 from kdray.config import Config
 from kdray.data import read_split
 from kdray.data.shards import DatasetManifest
-from kdray.inference import ModelRef, map_logits
-from kdray.storage import Storage
-from kdray.student import student_loss, student_spec
-from kdray.train import TEACHER_LOGITS, FitSpec
-from kdray.transfer import read_transfer, transfer_rows
-
-# The sibling benchmarks (this script's directory is on sys.path when it runs).
-from data_throughput import load_arrays
-from student_throughput import (add_common_arguments, benchmark_config, build_teacher, epoch_figures, machine,
-                                plain_history, prepare_dataset, run_and_report, run_transfer_stage, save_teacher,
-                                setup_figures, teacher_outputs, timed_fit, worker_torch_threads)
+from kdray.distill.student import student_loss, student_spec
+from kdray.distill.transfer import read_transfer, transfer_rows
+from kdray.evaluation.inference import ModelRef, map_logits
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import TEACHER_LOGITS, FitSpec
 
 
 def comparison(cache_seconds: float, cached_seconds: float, recomputed_seconds: float) -> dict[str, float]:
@@ -62,7 +75,7 @@ def plain_comparison(spec: FitSpec, teacher: nn.Module, dataset: str) -> dict[st
 
 def kdray_comparison(config: Config, run: Storage, spec: FitSpec, teacher: ModelRef, dataset: str,
                      manifest: DatasetManifest) -> dict[str, Any]:
-    """Both ways through `kdray.train.fit`: cached transfer shards, or the teacher streamed each epoch."""
+    """Both ways through `kdray.runtime.train.fit`: cached transfer shards, or the teacher streamed each epoch."""
     transfer, cache_seconds = run_transfer_stage(config, run, dataset, teacher)
     validation = read_split(Storage(dataset), "validation", manifest)
     cached, cached_wall = timed_fit(spec, read_transfer(transfer), validation, config, run, "cached")
@@ -108,7 +121,7 @@ def print_results(figures: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
-    parser.add_argument("--kdray", action="store_true", help="also compare both ways through kdray.train.fit")
+    parser.add_argument("--kdray", action="store_true", help="also compare both ways through kdray.runtime.train.fit")
     args = parser.parse_args()
     # With --kdray the recomputing run holds the worker's CPU and the teacher actor's at once, plus Ray Data's reads.
     config = benchmark_config(args, ray_cpus=3 if args.kdray else 2)

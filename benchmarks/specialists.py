@@ -19,7 +19,7 @@ directory, then reports:
   the serial run keeps a second core busy while it reads: on a small machine the figure
   understates how well the training itself parallelises;
 - combination cost, in this process with --threads torch threads on test rows: ms per 1,000
-  examples for the generalist alone, for the KL combination alone (kdray.combine.combine) and for
+  examples for the generalist alone, for the KL combination alone (kdray.specialists.combine.combine) and for
   the whole combined prediction (generalist + active specialists + combination).
 
 --rows, --classes, --specialists and --epochs shrink a run (validation and test rows shrink with
@@ -42,19 +42,18 @@ import numpy as np
 import ray
 import torch
 
-from kdray.clustering import CLASS_INDEX, INDEX_MANIFEST, SUBSETS
-from kdray.combine import combine, select_active_specialists
-from kdray.combine_stage import TABLES, CombinedModel, SpecialistCombiner, format_tables
 from kdray.config import Config, load_config, parse_overrides
 from kdray.data import read_split
-from kdray.inference import LogitsPredictor, ModelRef, features
-from kdray.pipeline import run_pipeline
-from kdray.preflight import check_config
-from kdray.runtime import ray_session
-from kdray.specialists import COMBINED, concurrent_specialists, specialist_jobs, train_specialists
-from kdray.stages import stages_for
-from kdray.storage import Storage
-from kdray.train import use_gpu
+from kdray.evaluation.inference import LogitsPredictor, ModelRef, features
+from kdray.pipeline import check_config, run_pipeline, stages_for
+from kdray.runtime.session import ray_session
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import use_gpu
+from kdray.specialists.actors import concurrent_specialists, specialist_jobs, train_specialists
+from kdray.specialists.clustering import CLASS_INDEX, INDEX_MANIFEST, SUBSETS
+from kdray.specialists.combine import combine, select_active_specialists
+from kdray.specialists.combined import COMBINED, CombinedModel, SpecialistCombiner
+from kdray.specialists.tables import TABLES, format_tables
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "jobs" / "specialists.yaml"
 SCRATCH = "_benchmark-specialists"  # under the run directory; deleted after timing
@@ -177,7 +176,7 @@ def test_features(dataset: str, rows: int) -> torch.Tensor:
 
 @torch.no_grad()
 def combination_inputs(combiner: SpecialistCombiner, generalist: LogitsPredictor, x: torch.Tensor) -> tuple:
-    """The arguments of kdray.combine.combine for the rows x, built densely: every specialist runs on
+    """The arguments of kdray.specialists.combine.combine for the rows x, built densely: every specialist runs on
     every row, and the columns of specialists active on no row are dropped (combine weighs each
     specialist by `active`, so the values of inactive ones never count)."""
     p_g = torch.softmax(torch.from_numpy(generalist.logits(x.numpy())).double(), -1)

@@ -6,7 +6,7 @@ relative to a plain in-memory PyTorch loop with the same student, loss, batch si
 
 The transfer shards are written by kdray's own transfer stage (`run_transfer`) from a synthetic
 dataset and an untrained teacher: the teacher's weights change neither the shards' size nor the
-student's cost. kdray trains with `kdray.train.fit` on one Ray Train worker holding 1 CPU; Ray sets
+student's cost. kdray trains with `kdray.runtime.train.fit` on one Ray Train worker holding 1 CPU; Ray sets
 OMP_NUM_THREADS to a worker's whole CPUs, so that worker runs 1 torch thread, and the baseline runs
 with the threads a Ray task holding the same CPUs reports. Both figures are rows/s over the epochs
 after the first (start-up excluded), kdray's from the per-epoch `rows_per_second` in
@@ -34,19 +34,19 @@ import ray.data
 import torch
 from torch import nn
 
-from kdray.artifacts import ModelSpec, save_bundle
 from kdray.config import Config, config_from_dict
 from kdray.data import read_split
 from kdray.data.shards import DatasetManifest
 from kdray.data.synth import write_synthetic_dataset
-from kdray.inference import ModelRef, features
-from kdray.losses import distillation_loss
-from kdray.pipeline import StageContext
-from kdray.storage import Storage
-from kdray.student import student_loss, student_spec
-from kdray.teacher import member_spec
-from kdray.train import TEACHER_LOGITS, FitResult, FitSpec, LossSpec, fit, make_optimizer
-from kdray.transfer import read_transfer, run_transfer
+from kdray.distill.losses import distillation_loss
+from kdray.distill.student import student_loss, student_spec
+from kdray.distill.teacher import member_spec
+from kdray.distill.transfer import read_transfer, run_transfer
+from kdray.evaluation.inference import ModelRef, features
+from kdray.runtime.artifacts import ModelSpec, save_bundle
+from kdray.runtime.stage import StageContext
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import TEACHER_LOGITS, FitResult, FitSpec, LossSpec, fit, make_optimizer
 
 TARGET_RATIO = 0.85
 TEACHER_BATCH = 2048  # rows per teacher forward when caching in memory (map_logits' batch size)
@@ -224,7 +224,7 @@ def plain_history(spec: FitSpec, columns: dict[str, torch.Tensor], teacher: nn.M
 
 # ------------------------------------------------------------------------------------ kdray
 def timed_fit(spec: FitSpec, train, validation, config: Config, run: Storage, name: str) -> tuple[FitResult, float]:
-    """`kdray.train.fit` and its end-to-end wall time (Ray Train start-up and shutdown included)."""
+    """`kdray.runtime.train.fit` and its end-to-end wall time (Ray Train start-up and shutdown included)."""
     started = time.perf_counter()
     result = fit(spec, {"train": train, "validation": validation}, config.resources, run.child(WORK_DIR).uri(), name)
     return result, time.perf_counter() - started

@@ -1,5 +1,5 @@
 """Sweep throughput and Ray Tune's overhead: the same student trials run through Tune (ASHA, event
-files, checkpoints) and directly (`kdray.train.fit`, one after another), in one run.
+files, checkpoints) and directly (`kdray.runtime.train.fit`, one after another), in one run.
 
     python benchmarks/sweep_overhead.py [--rows 24000] [--temperatures 2 4] [--hard-weights 0.1 0.5]
                                         [--epochs 3] [--concurrent 2] [--json PATH]
@@ -28,11 +28,11 @@ import torch
 
 from kdray.config import load_config
 from kdray.data import read_manifest
-from kdray.pipeline import read_stage_manifest, run_pipeline
-from kdray.stages import stages_for
-from kdray.storage import Storage
+from kdray.pipeline import run_pipeline, stages_for
+from kdray.runtime.stage import read_stage_manifest
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import fit
 from kdray.sweep import TRIAL_WORKER_CPUS, TrialSetup, run_tune, sweep_spec, trial_datasets, trial_spec
-from kdray.train import fit
 
 
 def prepared_run(root: str, rows: int):

@@ -16,12 +16,12 @@ class CommandError(Exception):
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from kdray.artifacts import BundleError
     from kdray.config import ConfigError
     from kdray.data.shards import DatasetError
-    from kdray.evaluate import RunError
-    from kdray.runtime import ClusterError
-    from kdray.storage import StorageError
+    from kdray.evaluation.evaluate import RunError
+    from kdray.runtime.artifacts import BundleError
+    from kdray.runtime.session import ClusterError
+    from kdray.runtime.storage import StorageError
     from kdray.submit import SubmitError
 
     return (CommandError, BundleError, ClusterError, ConfigError, DatasetError, RunError, StorageError, SubmitError)
@@ -47,8 +47,8 @@ def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_storage(config):
-    from kdray.pipeline import check_run_directory
-    from kdray.storage import Storage
+    from kdray.runtime.stage import check_run_directory
+    from kdray.runtime.storage import Storage
 
     run = Storage(config.storage.storage_path).child(config.storage.run_name)
     inputs = {"data.path": config.data.path, "distill.transfer.dataset": config.distill.transfer.dataset}
@@ -59,10 +59,8 @@ def _run_storage(config):
 
 # ------------------------------------------------------------------------------------ commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdray.pipeline import run_pipeline
-    from kdray.preflight import check_config
-    from kdray.runtime import ray_session
-    from kdray.stages import pipeline_stages
+    from kdray.pipeline import check_config, pipeline_stages, run_pipeline
+    from kdray.runtime.session import ray_session
 
     config = _load(args)
     check_config(config)
@@ -79,10 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from kdray.pipeline import run_pipeline
-    from kdray.preflight import check_config
-    from kdray.runtime import ray_session
-    from kdray.stages import stages_for
+    from kdray.pipeline import check_config, run_pipeline, stages_for
+    from kdray.runtime.session import ray_session
 
     config = _load(args)
     config = config.model_copy(update={"sweep": config.sweep.model_copy(update={"enabled": True})})
@@ -97,9 +93,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from kdray.preflight import check_config
-    from kdray.submit import (check_job_config, config_in_working_dir, follow, job_runtime_env, run_entrypoint,
-                              submit_run)
+    from kdray.pipeline import check_config
+    from kdray.submit import (
+        check_job_config,
+        config_in_working_dir,
+        follow,
+        job_runtime_env,
+        run_entrypoint,
+        submit_run,
+    )
 
     config = _load(args)  # a bad config fails here, before anything is uploaded
     check_config(config)
@@ -126,8 +128,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from kdray.report import write_report
-    from kdray.storage import Storage
+    from kdray.evaluation.report import write_report
+    from kdray.runtime.storage import Storage
 
     page = write_report(Storage(args.run_dir))
     print(f"[kdray] wrote {page}")
@@ -143,7 +145,7 @@ def _print_outcomes(outcomes) -> None:
 
 
 def _print_sweep(run) -> None:
-    from kdray.storage import Storage
+    from kdray.runtime.storage import Storage
     from kdray.sweep import EXPERIMENT, TRIALS_JSON, format_trials_table, tensorboard_command
 
     if run.exists("sweep", TRIALS_JSON):
@@ -154,14 +156,14 @@ def _print_sweep(run) -> None:
 
 
 def _print_report(run) -> None:
-    from kdray.report import PAGE, REPORT_DIR
+    from kdray.evaluation.report import PAGE, REPORT_DIR
 
     if run.exists(REPORT_DIR, PAGE):
         print(f"[kdray] report: {run.uri(REPORT_DIR, PAGE)}")
 
 
 def _print_results(run) -> None:
-    from kdray.evaluate import RESULTS, format_results_table
+    from kdray.evaluation.evaluate import RESULTS, format_results_table
 
     if run.exists(RESULTS):
         print("\n" + format_results_table(run.read_json(RESULTS)))
@@ -183,7 +185,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     from kdray.config import SynthConfig
     from kdray.data.synth import write_synthetic_dataset
-    from kdray.runtime import ray_session
+    from kdray.runtime.session import ray_session
 
     values = {name: getattr(args, name) for name in SYNTH_OPTIONS if getattr(args, name) is not None}
     try:
@@ -203,7 +205,7 @@ def _dataset_output(location: str, overwrite: bool, source: str | None = None):
     """The dataset directory a command writes, checked before any work: an empty or new one, or a
     kdray dataset with --overwrite, and never the source it reads."""
     from kdray.data.shards import FORMAT, MANIFEST
-    from kdray.storage import Storage, check_replaceable
+    from kdray.runtime.storage import Storage, check_replaceable
 
     output = Storage(location)
     def is_dataset(manifest) -> bool:
@@ -216,7 +218,7 @@ def _dataset_output(location: str, overwrite: bool, source: str | None = None):
 def _staged_dataset(output):
     """A new directory beside `output` that replaces it once the dataset written there is complete."""
     from kdray.data.shards import MANIFEST
-    from kdray.storage import staged_output
+    from kdray.runtime.storage import staged_output
 
     return staged_output(output, MANIFEST)
 
@@ -249,8 +251,8 @@ def cmd_data_fetch(args: argparse.Namespace) -> int:
 def cmd_data_inspect(args: argparse.Namespace) -> int:
     from kdray.data.shards import read_manifest
     from kdray.data.validate import inspect_dataset
-    from kdray.runtime import ray_session
-    from kdray.storage import Storage
+    from kdray.runtime.session import ray_session
+    from kdray.runtime.storage import Storage
 
     read_manifest(Storage(args.dir))  # a missing or malformed manifest fails before Ray starts
     with ray_session(args.address):
@@ -277,9 +279,9 @@ def _print_histogram(counts, manifest) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from kdray.evaluate import RESULTS, check_run_models, evaluate_run, format_results_table, run_manifests
-    from kdray.runtime import ray_session
-    from kdray.storage import Storage
+    from kdray.evaluation.evaluate import RESULTS, check_run_models, evaluate_run, format_results_table, run_manifests
+    from kdray.runtime.session import ray_session
+    from kdray.runtime.storage import Storage
 
     run = Storage(args.run_dir)  # a wrong directory or a bad bundle fails before Ray starts
     trusted = check_run_models(run, run_manifests(run), args.trust_code)
@@ -291,10 +293,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from kdray.evaluate import check_run_models, run_manifests
-    from kdray.predict import PREDICTIONS, check_output, find_model, predict
-    from kdray.runtime import ray_session
-    from kdray.storage import Storage
+    from kdray.evaluation.evaluate import check_run_models, run_manifests
+    from kdray.evaluation.predict import PREDICTIONS, check_output, find_model, predict
+    from kdray.runtime.session import ray_session
+    from kdray.runtime.storage import Storage
 
     # An unknown model, a bad bundle or an output that would replace something fails before Ray starts.
     run, manifests = Storage(args.run_dir), run_manifests(Storage(args.run_dir))

@@ -327,7 +327,7 @@ class ResourcesConfig(Section):
     gpus_per_worker: NonNegativeFloat = Field(1.0, description="GPUs each Ray Train worker reserves, when GPUs "
                                                                "are used.")
     # Fewer start where the cluster's CPUs could not also serve their Ray Data reads: a read
-    # waits forever for a CPU that training runs hold (kdray.train.concurrent_fits).
+    # waits forever for a CPU that training runs hold (kdray.runtime.train.concurrent_fits).
     concurrent_members: PositiveInt = Field(
         2, description="Training runs at once: ensemble members, or the student and its baseline.")
     specialist_cpus: PositiveFloat = Field(0.25, description="CPUs each specialist actor reserves.")

@@ -12,52 +12,28 @@ This module holds no maths: the stages live in their own modules.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from kdray import __version__
-from kdray.config import Config, config_to_yaml
-from kdray.storage import Storage, StorageError
-
-MANIFEST = "manifest.json"
-WORK_DIR = "_work"
-ATTEMPT = ".attempt"
-RUN_MARKER = "kdray-run.json"  # marks a directory as a kdray run: the only kind `kdray run` writes into
-# Manifests name the run's own files relative to the run directory, so a copied or moved run reads
-# its own files; locations outside the run (a user's dataset) stay as given.
-RUN_RELATIVE = "./"
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """What a stage hands downstream: named output locations and a summary of figures."""
-
-    outputs: dict[str, str] = field(default_factory=dict)
-    summary: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class StageContext:
-    config: Config
-    run: Storage  # STORAGE_PATH/RUN_NAME
-    output: Storage  # RUN/STAGE: this stage's artifacts
-    work: Storage  # RUN/_work/STAGE-FINGERPRINT: resumable scratch (checkpoints)
-    inputs: dict[str, dict[str, Any]]  # upstream stage name -> its manifest
-    progress: bool = True
-
-    def input_output(self, stage: str, name: str) -> Any:
-        """An upstream stage's named output location."""
-        return self.inputs[stage]["outputs"][name]
-
-    def model_ref(self, stage: str, name: str):
-        """An upstream stage's model output as a ModelRef, trusting the factories this run's config names."""
-        from kdray.inference import ModelRef
-
-        entry = self.input_output(stage, name)
-        return ModelRef(entry["location"], tuple(entry["bundles"]), self.config.model_factories())
+from kdray.config import Config, ConfigError, ModelConfig, config_to_yaml
+from kdray.runtime.stage import (
+    ATTEMPT,
+    MANIFEST,
+    RUN_MARKER,
+    WORK_DIR,
+    StageContext,
+    StageResult,
+    check_run_directory,
+    read_stage_manifest,
+    relative_locations,
+)
+from kdray.runtime.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -99,59 +75,6 @@ def stage_fingerprint(stage: Stage, config: Config, input_fingerprints: dict[str
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_stage_manifest(run: Storage, stage: str) -> dict[str, Any] | None:
-    """A stage's manifest with its run-relative locations resolved under `run`; None if the stage
-    has none or it is not a JSON object (a manifest is written atomically, so that means tampering:
-    the pipeline re-runs the stage)."""
-    if not run.exists(stage, MANIFEST):
-        return None
-    try:
-        manifest = run.read_json(stage, MANIFEST)
-    except ValueError:
-        return None
-    if not isinstance(manifest, dict):
-        return None
-    return {**manifest, "outputs": _locations(manifest.get("outputs"), lambda text: _resolve(run, text))}
-
-
-def _locations(value: Any, convert: Callable[[str], str]) -> Any:
-    """`value` with `convert` applied to every string in it (nested dicts and lists)."""
-    if isinstance(value, str):
-        return convert(value)
-    if isinstance(value, dict):
-        return {key: _locations(item, convert) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_locations(item, convert) for item in value]
-    return value
-
-
-def _relative(run: Storage, location: str) -> str:
-    root = run.uri().rstrip("/") + "/"
-    return RUN_RELATIVE + location[len(root):] if location.startswith(root) else location
-
-
-def _resolve(run: Storage, text: str) -> str:
-    # Storage.uri refuses a path that climbs out of the run ('..'), naming it.
-    return run.uri(text[len(RUN_RELATIVE):]) if text.startswith(RUN_RELATIVE) else text
-
-
-def is_run_directory(run: Storage) -> bool:
-    """Whether `run` is a kdray run: its marker, or (runs from before the marker) a stage attempt."""
-    return run.exists(RUN_MARKER) or any(run.exists(name, ATTEMPT) for name in run.list())
-
-
-def check_run_directory(run: Storage, inputs: dict[str, Storage] | None = None) -> None:
-    """Refuse a run directory that holds anything but a kdray run (its stages would replace files
-    there), or that overlaps an input the config names."""
-    for key, location in (inputs or {}).items():
-        if run.contains(location) or location.contains(run):
-            raise StorageError(f"run directory {run.location} and {key} {location.location} must not contain each "
-                               f"other: choose another storage.storage_path or storage.run_name")
-    if run.list() and not is_run_directory(run):
-        raise StorageError(f"run directory {run.location} holds files but is not a kdray run (no {RUN_MARKER}): "
-                           f"choose another storage.storage_path or storage.run_name")
-
-
 def _prepare_output(run: Storage, stage: str, fingerprint: str) -> None:
     """Keep what an interrupted attempt with the same fingerprint finished (a stage may resume
     from it, e.g. trained ensemble members); anything else in the stage directory is stale."""
@@ -171,7 +94,7 @@ def _run_one(stage: Stage, config: Config, run: Storage, inputs: dict, fingerpri
         "stage": stage.name,
         "fingerprint": fingerprint,
         "inputs": {name: manifest["fingerprint"] for name, manifest in inputs.items()},
-        "outputs": _locations(result.outputs, lambda text: _relative(run, text)),
+        "outputs": relative_locations(result.outputs, run),
         "summary": result.summary,
         "artifacts": [name for name in run.list(stage.name) if name != ATTEMPT],
         "seconds": round(time.time() - started, 3),
@@ -220,3 +143,117 @@ def run_pipeline(
         outcomes.append(StageOutcome(stage.name, "ran", time.time() - started, manifests[stage.name]))
         log(f"[kdray] {stage.name}: done in {outcomes[-1].seconds:.1f}s")
     return outcomes
+
+
+# ------------------------------------------------------------------------------------ the stages
+# In order, with what each depends on (config sections and upstream stages). Adding a stage is one
+# entry here plus a `run_*` function in its own module.
+def _lazy(path: str):
+    """A stage function imported on first use, so `kdray --help` does not pay for torch and Ray."""
+
+    def run(context: StageContext) -> StageResult:
+        module, name = path.split(":")
+        return getattr(importlib.import_module(module), name)(context)
+
+    return run
+
+
+# Every specialists setting but max_concurrent, which changes how fast, not what, it trains.
+_SPECIALIST_KEYS = ("train", "subset_fraction", "soft_target_weight", "temperature", "top_n", "distill_back",
+                    "distill_train", "distill_hard_weight")
+
+
+def pipeline_stages() -> list[Stage]:
+    return [
+        Stage("data", _lazy("kdray.data.stage:run_data"), config_keys=("data",)),
+        Stage("teacher", _lazy("kdray.distill.teacher:run_teacher"), config_keys=("teacher",), depends_on=("data",)),
+        Stage("transfer", _lazy("kdray.distill.transfer:run_transfer"), config_keys=("distill.transfer",), depends_on=("data", "teacher")),
+        Stage("student", _lazy("kdray.distill.student:run_student"),
+              config_keys=("distill.temperature", "distill.hard_weight", "distill.student", "distill.train",
+                           "distill.baseline", "distill.bias_correction", "distill.transfer"),
+              depends_on=("data", "transfer")),
+        Stage("sweep", _lazy("kdray.sweep:run_sweep"),
+              config_keys=("sweep", "distill.student", "distill.train", "distill.transfer"),
+              depends_on=("data", "transfer"), enabled=lambda config: config.sweep.enabled),
+        Stage("clustering", _lazy("kdray.specialists.clustering:run_clustering"), config_keys=("clustering",),
+              depends_on=("data", "teacher"), enabled=lambda config: config.clustering.enabled),
+        Stage("specialists", _lazy("kdray.specialists.stage:run_specialists"),
+              config_keys=tuple(f"specialists.{key}" for key in _SPECIALIST_KEYS),
+              depends_on=("data", "teacher", "clustering"), enabled=lambda config: config.clustering.enabled),
+        Stage("evaluate", _lazy("kdray.evaluation.evaluate:run_evaluate"), config_keys=(),
+              depends_on=("data", "teacher", "transfer", "student"),
+              optional_inputs=("sweep", "specialists")),
+        # Reads files the optional stages leave (sweep trials, the clustering figure) when they ran.
+        Stage("report", _lazy("kdray.evaluation.report:run_report"), config_keys=(), depends_on=("evaluate",),
+              optional_inputs=("sweep", "clustering", "specialists")),
+    ]
+
+
+def stages_for(target: str) -> list[Stage]:
+    """`target` and the stages it depends on (transitively), in pipeline order: what `kdray sweep` runs."""
+    stages = pipeline_stages()
+    by_name = {stage.name: stage for stage in stages}
+    if target not in by_name:
+        raise ValueError(f"unknown stage {target!r}; stages: {list(by_name)}")
+    needed, pending = set(), [target]
+    while pending:
+        name = pending.pop()
+        if name not in needed:
+            needed.add(name)
+            pending.extend(by_name[name].depends_on)
+    return [stage for stage in stages if stage.name in needed]
+
+
+# ------------------------------------------------------------------------------------ preflight
+# Checks that need more than the config schema, run before any work starts. The schema
+# (kdray.config) catches bad keys and values; here each configured model is built once against the
+# dataset's real input shape, so a wrong model argument fails in a second, naming the config key,
+# instead of an hour into a run.
+# Mixup partners are held whole by the driver and by every task that makes copies.
+MAX_PARTNER_BYTES = 256 << 20
+
+
+def _model_sections(config: Config) -> dict[str, ModelConfig]:
+    return {"teacher.model": config.teacher.model, "distill.student": config.distill.student}
+
+
+def check_models(config: Config, input_shape: tuple[int, ...], num_classes: int) -> None:
+    from kdray.models import create_model
+
+    for key, model in _model_sections(config).items():
+        try:
+            create_model(model.name, input_shape, num_classes, **model.options)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(f"invalid config: {key}: {error}") from None
+
+
+def _num_classes(config: Config) -> int:
+    from kdray.data import read_manifest
+    from kdray.runtime.storage import Storage
+
+    if config.data.source == "synth":
+        return config.data.synth.classes
+    if config.data.source in ("fashion-mnist", "mnist"):
+        return 10
+    return read_manifest(Storage(config.data.path)).num_classes
+
+
+def check_config(config: Config) -> None:
+    """Everything that can be known wrong before the first stage runs."""
+    from kdray.data import dataset_input_shape
+
+    num_classes = _num_classes(config)
+    bad = [c for c in config.distill.transfer.omit_classes if c >= num_classes]
+    if bad:
+        raise ConfigError(f"invalid config: distill.transfer.omit_classes: {bad} not in [0, {num_classes})")
+    input_shape = dataset_input_shape(config.data)
+    transfer = config.distill.transfer
+    if transfer.copies > 1 and transfer.augment == "jitter" and len(input_shape) != 3:
+        raise ConfigError(f"invalid config: distill.transfer.copies: jittered copies need images (C, H, W); "
+                          f"the data's feature shape is {tuple(input_shape)} (augment: mixup works on any features)")
+    partner_bytes = 4 * transfer.mixup_partners * math.prod(input_shape)
+    if transfer.copies > 1 and transfer.augment == "mixup" and partner_bytes > MAX_PARTNER_BYTES:
+        raise ConfigError(f"invalid config: distill.transfer.mixup_partners: {transfer.mixup_partners} rows of "
+                          f"{math.prod(input_shape)} features take {partner_bytes / 2**20:.0f} MiB, over the "
+                          f"{MAX_PARTNER_BYTES >> 20} MiB every transfer task holds; use fewer")
+    check_models(config, input_shape, num_classes)

@@ -34,11 +34,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kdray.artifacts import ModelSpec, export_program, load_bundle, save_bundle
 from kdray.config import Config, ConfigError, ResourcesConfig, SweepConfig
-from kdray.pipeline import StageContext, StageResult
-from kdray.storage import Storage
-from kdray.train import FitSpec, LossSpec, final_metrics, fit
+from kdray.runtime.artifacts import ModelSpec, export_program, load_bundle, save_bundle
+from kdray.runtime.stage import StageContext, StageResult
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import FitSpec, LossSpec, final_metrics, fit
 
 EXPERIMENT = "tune"
 BEST = "best"
@@ -102,7 +102,7 @@ class TrialSetup:
 
 def trial_datasets(setup: TrialSetup) -> dict[str, Any]:
     from kdray.data import read_split
-    from kdray.transfer import read_transfer
+    from kdray.distill.transfer import read_transfer
 
     dataset = Storage(setup.dataset)
     # Test error is recorded per trial for the report's heatmaps (the paper's figure is in test
@@ -324,7 +324,8 @@ def run_sweep(context: StageContext) -> StageResult:
     best = best_trial(rows, sweep.metric)
     context.output.write_text(trials_csv(rows), TRIALS_CSV)
     context.output.write_json({"metric": sweep.metric, "max_epochs": sweep.max_epochs,
-                               "rung_epoch": sweep.grace_period, "best": best["trial"], "trials": rows}, TRIALS_JSON)
+                               "rung_epoch": sweep.grace_period, "best": best["trial"], "trials": rows,
+                               "columns": list(COLUMNS)}, TRIALS_JSON)
     params = {name: best[name] for name in PARAMETERS if best.get(name) is not None}
     final = _train_best(context, setup, params)
     context.output.write_json({"trial": best["trial"], **params}, BEST, "params.json")

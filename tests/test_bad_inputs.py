@@ -23,10 +23,10 @@ from test_cli import TINY
 from test_idx import tiny_images, write_idx
 from tiny_data import write_blobs
 
-from kdray.artifacts import ModelSpec, save_bundle
 from kdray.cli import main
-from kdray.evaluate import check_run_models, run_manifests
-from kdray.storage import Storage
+from kdray.evaluation.evaluate import check_run_models, run_manifests
+from kdray.runtime.artifacts import ModelSpec, save_bundle
+from kdray.runtime.storage import Storage
 
 DIM, CLASSES = 6, 4
 

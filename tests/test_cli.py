@@ -14,7 +14,7 @@ from tiny_data import write_blobs
 
 from kdray.cli import main
 from kdray.config import ConfigError, config_from_dict, load_config
-from kdray.preflight import check_config
+from kdray.pipeline import check_config
 
 # Small enough that a run which wrongly got past the checks would fail or finish fast, not train for
 # minutes: each test below expects the run to stop before its first stage.

@@ -1,4 +1,4 @@
-"""kdray/clustering.py: online k-means over covariance columns, subset bounds and overlaps, and the
+"""kdray/specialists/clustering.py: online k-means over covariance columns, subset bounds and overlaps, and the
 per-class re-sharding of the training split (real local Ray)."""
 
 import numpy as np
@@ -7,12 +7,20 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 from tiny_data import write_blobs
 
-from kdray.clustering import (INDEX_MANIFEST, assign_specialist_subsets, class_file, constrained_assignment,
-                              covariation_shares, online_kmeans, overlapping_subsets, plot_covariance,
-                              write_class_index)
 from kdray.config import ClusteringConfig
 from kdray.data import read_manifest
-from kdray.storage import Storage
+from kdray.runtime.storage import Storage
+from kdray.specialists.clustering import (
+    INDEX_MANIFEST,
+    assign_specialist_subsets,
+    class_file,
+    constrained_assignment,
+    covariation_shares,
+    online_kmeans,
+    overlapping_subsets,
+    plot_covariance,
+    write_class_index,
+)
 
 
 def block_covariance(groups, within=0.5, noise=0.0, seed=0):

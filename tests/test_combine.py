@@ -1,4 +1,4 @@
-"""Tests for kdray.combine: closed forms, a brute-force optimum, EM against the paper's gradient descent."""
+"""Tests for kdray.specialists.combine: closed forms, a brute-force optimum, EM against the paper's gradient descent."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdray.combine import (
+from kdray.specialists.combine import (
     combine,
     combine_by_em,
     combine_by_gradient,
@@ -14,7 +14,7 @@ from kdray.combine import (
     combine_one_active,
     select_active_specialists,
 )
-from kdray.combine_stage import format_tables, specialist_tables, table_counts
+from kdray.specialists.tables import format_tables, specialist_tables, table_counts
 
 F64 = torch.float64
 SOLVERS = {

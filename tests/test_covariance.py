@@ -1,9 +1,9 @@
-"""kdray/covariance.py: the streaming covariance equals the covariance of all predictions at once."""
+"""kdray/specialists/covariance.py: the streaming covariance equals the covariance of all predictions at once."""
 
 import numpy as np
 import pytest
 
-from kdray.covariance import CovarianceAccumulator, class_covariance
+from kdray.specialists.covariance import CovarianceAccumulator, class_covariance
 
 
 def _probabilities(rng, rows, classes, scale=3.0):

@@ -10,14 +10,14 @@ import torch
 from benchmark_scripts import load_benchmark
 from tiny_data import write_blobs
 
-from kdray.artifacts import load_bundle
 from kdray.config import config_from_dict
-from kdray.evaluate import RESULTS, format_results_table
-from kdray.inference import features
-from kdray.pipeline import read_stage_manifest, run_pipeline
-from kdray.stages import pipeline_stages
-from kdray.storage import Storage
-from kdray.transfer import read_transfer
+from kdray.distill.transfer import read_transfer
+from kdray.evaluation.evaluate import RESULTS, format_results_table
+from kdray.evaluation.inference import features
+from kdray.pipeline import pipeline_stages, run_pipeline
+from kdray.runtime.artifacts import load_bundle
+from kdray.runtime.stage import read_stage_manifest
+from kdray.runtime.storage import Storage
 
 TRAIN = {"epochs": 3, "batch_size": 64, "lr": 0.01}
 

@@ -13,10 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kdray.artifacts import ModelSpec, save_bundle
 from kdray.config import Config
 from kdray.data.shards import DatasetError, DatasetManifest, shard_name, shard_table, write_manifest, write_shard
-from kdray.evaluate import (
+from kdray.evaluation.evaluate import (
     RESULTS,
     RunError,
     evaluate_models,
@@ -25,11 +24,12 @@ from kdray.evaluate import (
     run_evaluate,
     run_manifests,
 )
-from kdray.inference import ModelRef, map_logits
-from kdray.metrics import ClassificationStats
-from kdray.pipeline import StageContext
-from kdray.predict import PREDICTIONS, predict, prediction_rows
-from kdray.storage import Storage, StorageError
+from kdray.evaluation.inference import ModelRef, map_logits
+from kdray.evaluation.metrics import ClassificationStats
+from kdray.evaluation.predict import PREDICTIONS, predict, prediction_rows
+from kdray.runtime.artifacts import ModelSpec, save_bundle
+from kdray.runtime.stage import StageContext
+from kdray.runtime.storage import Storage, StorageError
 
 CLASSES, DIM, ROWS = 3, 4, 300
 UNLABELED_TEST_ROWS = 10  # the last test rows are labelled -1: evaluation must skip them
@@ -122,7 +122,10 @@ def run_dir(tmp_path_factory, ray_local):
     }
     run.write_json({"stage": "data", "fingerprint": "d", "outputs": {"dataset": str(root / "dataset")}}, "data", "manifest.json")
     for stage, published in models.items():
-        run.write_json({"stage": stage, "fingerprint": stage[0], "outputs": {"models": published}}, stage, "manifest.json")
+        # `inputs` as the pipeline records them: what orders a run's stages when it is read back
+        inputs = {"data": "d", **({"teacher": "t"} if stage == "student" else {})}
+        run.write_json({"stage": stage, "fingerprint": stage[0], "inputs": inputs, "outputs": {"models": published}},
+                       stage, "manifest.json")
     return run, str(root / "dataset"), splits
 
 
@@ -260,7 +263,7 @@ def member_zero_logits(dataset, run, manifest, model, batch_size, trusted):
 
 
 def test_a_registered_combiner_evaluates_its_stages_models(run_dir, monkeypatch):
-    from kdray import evaluate
+    from kdray.evaluation import evaluate
 
     run, _, splits = run_dir
     manifests = run_manifests(run)

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from fault_harness import (
+    SELF_EXITING,
+    differences,
+    kill_inside_and_between,
+    stage_lines,
+    weight_differences,
+    without_timing,
+)
 from tiny_data import write_blobs
 
 from kdray.config import load_config
-from kdray.evaluate import RESULTS
-from kdray.faults import (SELF_EXITING, differences, kill_inside_and_between, stage_lines,
-                          weight_differences, without_timing)
-from kdray.pipeline import run_pipeline
-from kdray.stages import pipeline_stages
-from kdray.storage import Storage
+from kdray.evaluation.evaluate import RESULTS
+from kdray.pipeline import pipeline_stages, run_pipeline
+from kdray.runtime.storage import Storage
 
 TEACHER_EPOCHS = 3  # killed once an epoch's checkpoint is registered: a later one is interrupted
 FINISHED_FIRST = ("data", "teacher", "transfer")  # finished before the second kill

@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from kdray.data import idx
-from kdray.data.idx import (check_idx_source, check_source_and_output, fetch, find_idx_files, import_idx,
-                            read_idx)
+from kdray.data.idx import check_idx_source, check_source_and_output, fetch, find_idx_files, import_idx, read_idx
 from kdray.data.shards import DatasetError, read_manifest
-from kdray.storage import Storage
+from kdray.runtime.storage import Storage
 
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 SPLIT = dict(validation_fraction=0.2, rows_per_shard=16, seed=0)

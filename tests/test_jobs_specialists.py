@@ -6,9 +6,9 @@ import re
 import pytest
 from benchmark_scripts import REPO, load_benchmark
 
-from kdray.clustering import check_clustering_config
 from kdray.config import load_config
-from kdray.preflight import _num_classes, check_config
+from kdray.pipeline import _num_classes, check_config
+from kdray.specialists.clustering import check_clustering_config
 
 JOBS = ["jobs/specialists.yaml", "jobs/specialists_fashion_mnist.yaml", "jobs/specialists_overlap.yaml"]
 

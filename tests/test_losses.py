@@ -1,4 +1,4 @@
-"""Tests for kdray.losses: hand-computed values, the paper's limits, and the conventions it pins."""
+"""Tests for kdray.distill.losses: hand-computed values, the paper's limits, and the conventions it pins."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdray.losses import (
+from kdray.distill.losses import (
     MIN_LOG_MASS,
     DistillationLoss,
     distillation_loss,

@@ -1,11 +1,11 @@
-"""kdray.metrics against hand-computed values (no Ray)."""
+"""kdray.evaluation.metrics against hand-computed values (no Ray)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from kdray.metrics import (
+from kdray.evaluation.metrics import (
     ClassificationStats,
     calibration_bins,
     expected_calibration_error,

@@ -10,18 +10,9 @@ from collections import Counter
 import pytest
 
 from kdray.config import Config, config_from_dict, load_config
-from kdray.pipeline import (
-    ATTEMPT,
-    MANIFEST,
-    WORK_DIR,
-    Stage,
-    StageContext,
-    StageResult,
-    read_stage_manifest,
-    run_pipeline,
-    stage_fingerprint,
-)
-from kdray.storage import Storage, StorageError
+from kdray.pipeline import Stage, run_pipeline, stage_fingerprint
+from kdray.runtime.stage import ATTEMPT, MANIFEST, WORK_DIR, StageContext, StageResult, read_stage_manifest
+from kdray.runtime.storage import Storage, StorageError
 
 
 class ToyStages:

@@ -1,4 +1,4 @@
-"""kdray.progress: the epoch bar fed by Ray Train callbacks, and training runs as concurrent Ray
+"""kdray.runtime.progress: the epoch bar fed by Ray Train callbacks, and training runs as concurrent Ray
 tasks sized to leave CPU for their data (real Ray Train runs on tiny blobs)."""
 
 from __future__ import annotations
@@ -6,14 +6,14 @@ from __future__ import annotations
 import pytest
 from tiny_data import write_blobs
 
-from kdray.artifacts import ModelSpec
 from kdray.config import ResourcesConfig, TrainConfig
 from kdray.data.shards import read_split
-from kdray.progress import EpochProgress, postfix, train_in_tasks
-from kdray.runtime import runs_that_fit
-from kdray.storage import Storage
-from kdray.student import rows_per_epoch
-from kdray.train import FitSpec, LossSpec, concurrent_fits, fit
+from kdray.distill.student import rows_per_epoch
+from kdray.runtime.artifacts import ModelSpec
+from kdray.runtime.progress import EpochProgress, postfix, train_in_tasks
+from kdray.runtime.session import runs_that_fit
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import FitSpec, LossSpec, concurrent_fits, fit
 
 SPEC = FitSpec(ModelSpec("mlp", {"hidden": [8]}, (6,), 4), TrainConfig(epochs=2, batch_size=64, lr=0.01),
                LossSpec("hard"))

@@ -1,16 +1,15 @@
-"""kdray.raydata: each execution of a Dataset kdray reads learns its resource limits promptly."""
+"""kdray.runtime.raydata: each execution of a Dataset kdray reads learns its resource limits promptly."""
 
 from __future__ import annotations
 
 import cloudpickle
 import pytest
 from ray.data._internal.execution.resource_manager import ResourceManager
-
 from tiny_data import write_blobs
 
 from kdray.data.shards import read_split
-from kdray.raydata import LIMITS_REFRESH_SECONDS, PromptResourceLimits
-from kdray.storage import Storage
+from kdray.runtime.raydata import LIMITS_REFRESH_SECONDS, PromptResourceLimits
+from kdray.runtime.storage import Storage
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""kdray.report: the heatmap matrix and confusion normalisation on hand-made tables; the page of a
+"""kdray.evaluation.report: the heatmap matrix and confusion normalisation on hand-made tables; the page of a
 tiny swept run renders in headless Chromium with every figure loaded; `kdray report` picks up the
 clustering figure and specialists table when a run has them."""
 
@@ -14,8 +14,8 @@ import pytest
 from test_sweep import swept_run  # noqa: F401  (the shared tiny run with a sweep)
 
 from kdray.cli import main
-from kdray.report import FIGURES, PAGE, REPORT_DIR, heatmap_matrix, row_normalised
-from kdray.storage import Storage
+from kdray.evaluation.report import FIGURES, PAGE, REPORT_DIR, heatmap_matrix, row_normalised
+from kdray.runtime.storage import Storage
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
 CHECK_IMAGES = """<script>

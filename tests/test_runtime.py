@@ -1,4 +1,4 @@
-"""kdray.runtime: joining a cluster fails at once, naming the fix, where it cannot succeed; the task
+"""kdray.runtime.session: joining a cluster fails at once, naming the fix, where it cannot succeed; the task
 runners return results in submission order, bound the tasks in flight, and re-raise a task's own
 exception without taking the driver down."""
 
@@ -15,7 +15,7 @@ import pytest
 import ray
 from test_submit import free_port
 
-from kdray.runtime import ClusterError, gather, ray_session, run_bounded
+from kdray.runtime.session import ClusterError, gather, ray_session, run_bounded
 
 
 # ------------------------------------------------------------------------------------ joining a cluster
@@ -42,7 +42,7 @@ def test_joining_a_port_that_is_no_cluster_fails_at_once_naming_the_fix(web_serv
     would be reused instead."""
     script = textwrap.dedent("""
         import sys
-        from kdray.runtime import ClusterError, ray_session
+        from kdray.runtime.session import ClusterError, ray_session
 
         for address in sys.argv[1:]:
             try:
@@ -125,7 +125,7 @@ def test_failing_gathers_with_tasks_in_flight_never_abort_the_driver():
     In a subprocess, so that an abort fails this test instead of ending the whole session."""
     script = textwrap.dedent("""
         import ray
-        from kdray.runtime import gather
+        from kdray.runtime.session import gather
 
         @ray.remote(num_cpus=0.5)
         def check(index):

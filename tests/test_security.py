@@ -21,7 +21,7 @@ from kdray.submit import job_runtime_env, upload_contents
 _HOLD_A_LOCAL_RAY = textwrap.dedent("""
     import sys
     import ray
-    from kdray.runtime import ray_session
+    from kdray.runtime.session import ray_session
 
     @ray.remote(num_cpus=0)
     def ping():

@@ -27,7 +27,7 @@ from kdray.data.shards import (
     write_shard,
 )
 from kdray.data.validate import ShardReport, check_shard, check_unique_ids, inspect_dataset, shards_that_may_share_ids
-from kdray.storage import Storage
+from kdray.runtime.storage import Storage
 
 CLASSES, DIM, ROWS_PER_SHARD = 3, 4, 8
 LAYOUT = (("train", 0), ("train", 1), ("test", 0))  # 3 shards: 16 train rows, 8 test rows

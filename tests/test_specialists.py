@@ -12,21 +12,34 @@ import pyarrow.dataset as pads
 import pytest
 import torch
 
-from kdray.artifacts import ModelSpec, load_bundle, save_bundle
-from kdray.clustering import COVARIANCE, INDEX_MANIFEST, SUBSETS
-from kdray.combine_stage import TABLES, CombinedModel, SpecialistCombiner
 from kdray.config import TrainConfig, config_from_dict
 from kdray.data.shards import DatasetManifest, shard_name, shard_table, write_manifest, write_shard
-from kdray.evaluate import combiner, evaluate_manifests
-from kdray.inference import ModelRef, features
+from kdray.evaluation.evaluate import combiner, evaluate_manifests
+from kdray.evaluation.inference import ModelRef, features
 from kdray.models import create_model
-from kdray.pipeline import Stage, StageResult, run_pipeline
-from kdray.specialists import (CHECKPOINT, COMBINED, FAILED_ONCE, SHUFFLE_BYTES, SpecialistJob, coarsen_log_probs,
-                               dustbin_log_factor, epoch_rows, init_specialist, local_labels, rest_sample_fraction,
-                               shuffle_buffer_rows, specialist_jobs, train_specialists)
-from kdray.stages import pipeline_stages
-from kdray.train import LossSpec, make_optimizer, train_epoch
-from kdray.storage import Storage
+from kdray.pipeline import Stage, pipeline_stages, run_pipeline
+from kdray.runtime.artifacts import ModelSpec, load_bundle, save_bundle
+from kdray.runtime.stage import StageResult
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import LossSpec, make_optimizer, train_epoch
+from kdray.specialists.actors import (
+    CHECKPOINT,
+    FAILED_ONCE,
+    SHUFFLE_BYTES,
+    SpecialistJob,
+    coarsen_log_probs,
+    dustbin_log_factor,
+    epoch_rows,
+    init_specialist,
+    local_labels,
+    rest_sample_fraction,
+    shuffle_buffer_rows,
+    specialist_jobs,
+    train_specialists,
+)
+from kdray.specialists.clustering import COVARIANCE, INDEX_MANIFEST, SUBSETS
+from kdray.specialists.combined import COMBINED, CombinedModel, SpecialistCombiner
+from kdray.specialists.tables import TABLES
 
 CLASSES, GROUPS, DIM = 8, 4, 6
 STAGES = ("data", "teacher", "clustering", "specialists")

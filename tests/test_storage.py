@@ -1,4 +1,4 @@
-"""kdray.storage: one API over a local path or a URI, atomic writes, paths confined to the root."""
+"""kdray.runtime.storage: one API over a local path or a URI, atomic writes, paths confined to the root."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from kdray.storage import Storage, StorageError, check_replaceable, staged_output
+from kdray.runtime.storage import Storage, StorageError, check_replaceable, staged_output
 
 
 @pytest.fixture(params=["path", "file-uri"])

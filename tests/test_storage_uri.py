@@ -13,9 +13,9 @@ import ray
 
 from kdray.config import config_from_dict
 from kdray.data.validate import inspect_dataset
-from kdray.pipeline import read_stage_manifest, run_pipeline
-from kdray.stages import pipeline_stages
-from kdray.storage import Storage
+from kdray.pipeline import pipeline_stages, run_pipeline
+from kdray.runtime.stage import read_stage_manifest
+from kdray.runtime.storage import Storage
 
 SYNTH = {"rows": 120, "validation_rows": 24, "test_rows": 24, "classes": 3, "groups": 1, "dim": 4, "shards": 2}
 

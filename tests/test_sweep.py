@@ -14,14 +14,14 @@ import pytest
 import torch
 from tiny_data import write_blobs
 
-from kdray.artifacts import load_bundle
 from kdray.cli import main
 from kdray.config import ConfigError, config_from_dict, config_to_yaml, load_config
 from kdray.data import read_manifest
-from kdray.evaluate import RESULTS
-from kdray.pipeline import read_stage_manifest, run_pipeline
-from kdray.stages import pipeline_stages, stages_for
-from kdray.storage import Storage
+from kdray.evaluation.evaluate import RESULTS
+from kdray.pipeline import pipeline_stages, run_pipeline, stages_for
+from kdray.runtime.artifacts import load_bundle
+from kdray.runtime.stage import read_stage_manifest
+from kdray.runtime.storage import Storage
 from kdray.sweep import (
     BEST,
     EXPERIMENT,
@@ -29,13 +29,13 @@ from kdray.sweep import (
     TRIALS_CSV,
     TRIALS_JSON,
     TrialSetup,
-    trial_worker_reservations,
     best_trial,
     check_sweep,
     run_tune,
     search_space,
     sweep_spec,
     trial_spec,
+    trial_worker_reservations,
 )
 
 TRAIN = {"epochs": 2, "batch_size": 64, "lr": 0.05}

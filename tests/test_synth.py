@@ -14,9 +14,18 @@ from sklearn.neural_network import MLPClassifier
 
 from kdray.config import SynthConfig
 from kdray.data.shards import MANIFEST, SPLITS, ShardInfo, read_manifest
-from kdray.data.synth import (MAX_SHARD_VALUES, _write_synthetic_shard, check_layout, class_groups, generate_shard,
-                              shard_span, split_shard_count, synth_structure, write_synthetic_dataset)
-from kdray.storage import Storage
+from kdray.data.synth import (
+    MAX_SHARD_VALUES,
+    _write_synthetic_shard,
+    check_layout,
+    class_groups,
+    generate_shard,
+    shard_span,
+    split_shard_count,
+    synth_structure,
+    write_synthetic_dataset,
+)
+from kdray.runtime.storage import Storage
 
 SMALL = SynthConfig(rows=3000, validation_rows=500, test_rows=1000, classes=12, groups=4, dim=16, latent_dim=6,
                     shards=4, seed=11)

@@ -8,11 +8,11 @@ import pytest
 import torch
 from tiny_data import write_blobs
 
-from kdray.artifacts import ModelSpec
 from kdray.config import ResourcesConfig, TrainConfig
 from kdray.data.shards import read_split
-from kdray.storage import Storage
-from kdray.train import (
+from kdray.runtime.artifacts import ModelSpec
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import (
     SHUFFLE_WINDOW_BATCHES,
     SHUFFLE_WINDOW_BYTES,
     TRAIN_POLL_ENV,

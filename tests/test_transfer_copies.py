@@ -10,11 +10,11 @@ import pytest
 
 from kdray.config import ConfigError, TransferConfig, config_from_dict
 from kdray.data.shards import DatasetManifest, shard_name, shard_table, write_manifest, write_shard
-from kdray.inference import features
-from kdray.preflight import check_config
-from kdray.storage import Storage
-from kdray.student import BASELINE, _training_rows, baseline_spec, student_loss, student_spec
-from kdray.transfer import jittered_copies, mixed_copies, mixup_partners, transfer_rows
+from kdray.distill.student import BASELINE, _training_rows, baseline_spec, student_loss, student_spec
+from kdray.distill.transfer import jittered_copies, mixed_copies, mixup_partners, transfer_rows
+from kdray.evaluation.inference import features
+from kdray.pipeline import check_config
+from kdray.runtime.storage import Storage
 
 SHAPE = (1, 6, 6)
 

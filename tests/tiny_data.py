@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from kdray.data.shards import DatasetManifest, shard_name, shard_table, write_manifest, write_shard
-from kdray.storage import Storage
+from kdray.runtime.storage import Storage
 
 
 def write_blobs(location: str, classes: int = 4, dim: int = 6, rows: tuple[int, int, int] = (800, 200, 200),

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from kdray.config import DataConfig
+from kdray.data.sampling import splitmix_uniform
 from kdray.data.shards import DatasetError, DatasetManifest, read_manifest, read_split
-from kdray.storage import Storage
+from kdray.runtime.storage import Storage
 
 __all__ = ["DatasetError", "DatasetManifest", "dataset_input_shape", "prepare_dataset", "read_manifest", "read_split", "sample_rows"]
 
@@ -63,22 +64,3 @@ def sample_rows(dataset, fraction: float, seed: int, drop_classes: tuple[int, ..
     if fraction >= 1.0 and not drop_classes:
         return dataset
     return dataset.map_batches(keep, batch_format="pyarrow")
-
-
-def seed_entropy(seed: int) -> int:
-    """A config seed as NumPy seeding takes it: SeedSequence refuses negative integers, and this
-    is one-to-one for |seed| < 2**63 and keeps seeds in [0, 2**64) as they are (their data unchanged)."""
-    return seed % (1 << 64)
-
-
-def splitmix_uniform(ids, seed: int):
-    """ids [N] int64 -> [N] floats in [0, 1): the splitmix64 finaliser of (id, seed), so each
-    (id, seed) pair gets a fixed, well-mixed draw (different seeds give independent subsets)."""
-    import numpy as np
-
-    with np.errstate(over="ignore"):
-        h = ids.astype(np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
-        h = (h ^ (h >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        h = (h ^ (h >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        h ^= h >> np.uint64(31)
-    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)

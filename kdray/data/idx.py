@@ -33,10 +33,18 @@ from typing import Literal
 
 import numpy as np
 
-from kdray.data import seed_entropy
-from kdray.data.shards import (MANIFEST, DatasetError, DatasetManifest, ShardInfo, shard_name, shard_table,
-                               write_manifest, write_shard)
-from kdray.storage import Storage
+from kdray.data.sampling import seed_entropy
+from kdray.data.shards import (
+    MANIFEST,
+    DatasetError,
+    DatasetManifest,
+    ShardInfo,
+    shard_name,
+    shard_table,
+    write_manifest,
+    write_shard,
+)
+from kdray.runtime.storage import Storage
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from kdray.storage import Storage
+from kdray.runtime.storage import Storage
 
 MANIFEST = "manifest.json"
 FORMAT = "kdray-dataset/1"
@@ -313,11 +313,11 @@ def read_parquet(paths, filesystem, **options):
     reached a Ray Train worker at 1.3-12k rows/s with V2 against 100-130k rows/s with V1 (2-core
     machine). kdray always knows its files and schema from a manifest, so V2's discovery buys
     nothing here. The switch is read when the Dataset is created, so it is flipped only for that.
-    Its executions learn their resource limits at once (kdray.raydata).
+    Its executions learn their resource limits at once (kdray.runtime.raydata).
     """
     import ray.data
 
-    from kdray.raydata import prompt_resource_limits
+    from kdray.runtime.raydata import prompt_resource_limits
 
     if isinstance(paths, (list, tuple)):
         # One block per shard: Ray would otherwise cut each file into several blocks to reach its

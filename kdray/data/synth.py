@@ -39,11 +39,19 @@ import pyarrow as pa
 import ray
 
 from kdray.config import SynthConfig
-from kdray.data import seed_entropy
-from kdray.data.shards import (MANIFEST, SPLITS, DatasetManifest, ShardInfo, shard_name, shard_table,
-                               write_manifest, write_shard)
-from kdray.runtime import run_bounded
-from kdray.storage import Storage
+from kdray.data.sampling import seed_entropy
+from kdray.data.shards import (
+    MANIFEST,
+    SPLITS,
+    DatasetManifest,
+    ShardInfo,
+    shard_name,
+    shard_table,
+    write_manifest,
+    write_shard,
+)
+from kdray.runtime.session import run_bounded
+from kdray.runtime.storage import Storage
 
 CENTRE_DRAWS = 64
 WARP_LAYERS = 4

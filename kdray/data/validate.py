@@ -17,10 +17,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kdray.data import splitmix_uniform
+from kdray.data.sampling import splitmix_uniform
 from kdray.data.shards import MANIFEST, UNLABELED, DatasetError, DatasetManifest, ShardInfo, read_manifest
-from kdray.runtime import gather
-from kdray.storage import Storage
+from kdray.runtime.session import gather
+from kdray.runtime.storage import Storage
 
 _CHUNK = 8 << 20
 # Row ids one duplicate-id bucket task sorts: 64 MiB of int64, about 300 MiB at the sort's peak.

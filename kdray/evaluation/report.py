@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from kdray.pipeline import StageContext, StageResult
-from kdray.storage import Storage
+from kdray.runtime.stage import StageContext, StageResult
+from kdray.runtime.storage import Storage
 
 REPORT_DIR = "report"
 PAGE = "index.html"
@@ -149,7 +149,7 @@ def _save(figure, output: Storage, name: str) -> str:
 # ------------------------------------------------------------------------------------ reading the run
 def model_histories(manifests: Mapping[str, dict[str, Any]]) -> dict[str, list[dict]]:
     """Per-epoch histories of the models the stages' manifests publish (single-bundle ones), by name."""
-    from kdray.evaluate import run_models
+    from kdray.evaluation.evaluate import run_models
 
     histories = {}
     for name, (_, entry) in run_models(manifests).items():
@@ -235,8 +235,6 @@ def _heatmaps(trials: list[dict[str, Any]], output: Storage, metric: str, prefix
 
 
 def _sweep_section(table: dict[str, Any], output: Storage) -> str:
-    from kdray.sweep import COLUMNS
-
     trials, metric = table["trials"], table.get("metric", "val_error")
     parts = ["<h2>Sweep</h2>"]
     rung = table.get("rung_epoch")
@@ -247,7 +245,8 @@ def _sweep_section(table: dict[str, Any], output: Storage) -> str:
                        budget="at the last epoch of each trial (ASHA stopped some early)")
     order = sorted(trials, key=lambda row: (row.get(metric) is None, row.get(metric) or 0.0))
     best = next((i for i, row in enumerate(order) if row["trial"] == table.get("best")), None)
-    parts.append(_table(COLUMNS, [[row.get(name) for name in COLUMNS] for row in order], highlight=best))
+    columns = (table.get("columns") or list(trials[0])) if trials else []  # the sweep names its columns
+    parts.append(_table(columns, [[row.get(name) for name in columns] for row in order], highlight=best))
     return "\n".join(parts)
 
 
@@ -274,7 +273,7 @@ figure{margin:1em 0}img{max-width:100%}figcaption{color:#555;font-size:90%}pre{b
 def write_report(run: Storage, output: Storage | None = None) -> str:
     """Write the report of the run at `run` into `output` (default RUN/report); returns the page's
     location. RunError if `run` holds no finished stage."""
-    from kdray.evaluate import run_manifests
+    from kdray.evaluation.evaluate import run_manifests
 
     manifests = run_manifests(run)
     results = _read_results(run)
@@ -307,7 +306,7 @@ def write_report(run: Storage, output: Storage | None = None) -> str:
 
 def _read_results(run: Storage) -> dict[str, Any] | None:
     """The run's results.json, if any; RunError naming it if it is not what `kdray evaluate` writes."""
-    from kdray.evaluate import RESULTS, RunError
+    from kdray.evaluation.evaluate import RESULTS, RunError
 
     if not run.exists(RESULTS):
         return None

@@ -8,13 +8,13 @@ retrained, so an interrupted stage resumes with the members it had not finished.
 
 from __future__ import annotations
 
-from kdray.artifacts import ModelSpec
 from kdray.config import Config
 from kdray.data import read_manifest, read_split, sample_rows
-from kdray.pipeline import StageContext, StageResult
-from kdray.progress import EpochProgress, train_in_tasks
-from kdray.storage import Storage
-from kdray.train import FitSpec, LossSpec, concurrent_fits, final_metrics, fit_and_save
+from kdray.runtime.artifacts import ModelSpec
+from kdray.runtime.progress import EpochProgress, train_in_tasks
+from kdray.runtime.stage import StageContext, StageResult
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import FitSpec, LossSpec, concurrent_fits, final_metrics, fit_and_save
 
 MEMBER_SEED_STRIDE = 1009  # members' seeds far apart, so their data orders share nothing
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from kdray.models import create_model
-from kdray.storage import Storage
+from kdray.runtime.storage import Storage
 
 WEIGHTS = "model.pt"
 SPEC = "model.json"
@@ -75,6 +75,16 @@ class ModelSpec:
 
 
 _SPEC_ADAPTER = pydantic.TypeAdapter(ModelSpec)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model lives: one bundle directory, or several (an ensemble), on one storage root;
+    `trusted` lists the `package.module:factory` paths its bundles may name (see kdray.runtime.artifacts)."""
+
+    location: str
+    bundles: tuple[str, ...]
+    trusted: tuple[str, ...] = ()
 
 
 class BiasedLogits(nn.Module):

@@ -13,7 +13,7 @@ input; other columns are ignored). OUT receives
 OUT must be new, empty, or an earlier prediction (which is replaced only once the new one is
 complete); it may not lie inside DATA or RUN_DIR, nor contain them.
 
-A model from a stage registered in `kdray.evaluate.COMBINERS` (the specialists stage) is predicted
+A model from a stage registered in `kdray.evaluation.evaluate.COMBINERS` (the specialists stage) is predicted
 through that stage's combiner instead of its bundles' logits.
 """
 
@@ -30,10 +30,10 @@ import pyarrow.fs as pafs
 
 from kdray.data.shards import MANIFEST as DATASET_MANIFEST
 from kdray.data.shards import DatasetError, read_manifest, read_parquet
-from kdray.evaluate import RunError, check_compatible, combiner, model_ref, run_manifests, run_models
-from kdray.inference import features, fixed_size_list, map_logits
-from kdray.metrics import log_softmax
-from kdray.storage import Storage, check_replaceable, staged_output
+from kdray.evaluation.evaluate import RunError, check_compatible, combiner, model_ref, run_manifests, run_models
+from kdray.evaluation.inference import features, fixed_size_list, map_logits
+from kdray.evaluation.metrics import log_softmax
+from kdray.runtime.storage import Storage, check_replaceable, staged_output
 
 PREDICTIONS = "predictions.json"
 SHARDS_DIR = "shards"
@@ -42,8 +42,8 @@ SHARDS_DIR = "shards"
 def predict(run_location: str, data_location: str, output_location: str, model: str = "student",
             batch_size: int = 2048, trusted: Sequence[str] = ()) -> int:
     """Write `model`'s predictions for every row of `data_location` under `output_location`;
-    returns the number of rows written. Needs a connected Ray (see `kdray.runtime.ray_session`);
-    the model's bundles may import the factories in `trusted` (see `kdray.evaluate.check_run_models`)."""
+    returns the number of rows written. Needs a connected Ray (see `kdray.runtime.session.ray_session`);
+    the model's bundles may import the factories in `trusted` (see `kdray.evaluation.evaluate.check_run_models`)."""
     run, data, output = Storage(run_location), Storage(data_location), Storage(output_location)
     check_output(run, data, output)
     manifests = run_manifests(run)

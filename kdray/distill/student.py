@@ -16,16 +16,16 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from kdray.artifacts import ModelSpec, export_program, load_bundle, save_bundle
-from kdray.bias import fit_class_bias
 from kdray.config import Config
 from kdray.data import read_manifest, read_split
-from kdray.inference import ModelRef, features, map_logits
-from kdray.pipeline import StageContext, StageResult
-from kdray.progress import EpochProgress, train_in_tasks
-from kdray.storage import Storage
-from kdray.train import FitSpec, LossSpec, concurrent_fits, final_metrics, fit_and_save
-from kdray.transfer import read_transfer, transfer_rows
+from kdray.distill.bias import fit_class_bias
+from kdray.distill.transfer import read_transfer, transfer_rows
+from kdray.evaluation.inference import ModelRef, features, map_logits
+from kdray.runtime.artifacts import ModelSpec, export_program, load_bundle, save_bundle
+from kdray.runtime.progress import EpochProgress, train_in_tasks
+from kdray.runtime.stage import StageContext, StageResult
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import FitSpec, LossSpec, concurrent_fits, final_metrics, fit_and_save
 
 STUDENT, BASELINE, CORRECTED = "student", "baseline", "student-corrected"
 

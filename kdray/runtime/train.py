@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdray.artifacts import ModelSpec, unwrap
 from kdray.config import ResourcesConfig, TrainConfig
-from kdray.losses import distillation_loss, expand_topk_logits, hard_target_loss
+from kdray.distill.losses import distillation_loss, expand_topk_logits, hard_target_loss
 from kdray.models import apply_max_norm
+from kdray.runtime.artifacts import ModelSpec, unwrap
 
 CHECKPOINT_FILE = "state.pt"
 TEACHER_LOGITS = "t"  # full teacher logits [C]
@@ -380,7 +380,7 @@ def concurrent_fits(resources: ResourcesConfig) -> int:
     """How many training runs of `resources.num_workers` workers to start at once:
     `resources.concurrent_members`, or fewer where the cluster's CPUs (less a reserve for the runs' Ray Data reads) and GPUs hold
     fewer. Two 1-CPU runs on a 2-CPU machine would leave their reads no CPU and wait forever."""
-    from kdray.runtime import runs_that_fit
+    from kdray.runtime.session import runs_that_fit
 
     gpus = resources.gpus_per_worker * resources.num_workers if use_gpu(resources) else 0.0
     return min(resources.concurrent_members, runs_that_fit(resources.cpus_per_worker * resources.num_workers, gpus))
@@ -449,7 +449,7 @@ def fit_and_save(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesCo
                  name: str, callbacks: list | None = None) -> list[dict[str, float]]:
     """`fit` under the run name `name` (checkpoints in `work`), then the model's bundle and its
     history saved as `output/name/`; returns the history."""
-    from kdray.artifacts import save_bundle
+    from kdray.runtime.artifacts import save_bundle
 
     result = fit(spec, datasets, resources, work, name, callbacks=callbacks)
     save_bundle(output, name, spec.model, result.state_dict)

@@ -120,10 +120,10 @@ def train_in_tasks(train: Callable[..., Any], arguments: dict[str, tuple], max_i
                    bar: EpochProgress) -> list[Any]:
     """`train(*arguments[run], callbacks)` for each run as a Ray task, at most `max_in_flight` at
     once, drawn on `bar`: `train` calls `fit` with run name `run` and `callbacks`. Results come back
-    in the order of `arguments` (see kdray.runtime.run_bounded)."""
+    in the order of `arguments` (see kdray.runtime.session.run_bounded)."""
     import ray
 
-    from kdray.runtime import run_bounded
+    from kdray.runtime.session import run_bounded
 
     # A launching task only waits on its trainer: it holds no CPU the workers need.
     launch = ray.remote(num_cpus=0)(train).remote

@@ -16,13 +16,14 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 
 from kdray.config import TransferConfig
-from kdray.data import read_manifest, read_split, sample_rows, splitmix_uniform
+from kdray.data import read_manifest, read_split, sample_rows
+from kdray.data.sampling import splitmix_uniform
 from kdray.data.shards import UNLABELED, ordered, read_parquet
-from kdray.inference import features, fixed_size_list, map_logits
-from kdray.losses import topk_logits
-from kdray.pipeline import StageContext, StageResult
-from kdray.storage import Storage
-from kdray.train import TEACHER_LOGITS, TOPK_COLUMNS
+from kdray.distill.losses import topk_logits
+from kdray.evaluation.inference import features, fixed_size_list, map_logits
+from kdray.runtime.stage import StageContext, StageResult
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import TEACHER_LOGITS, TOPK_COLUMNS
 
 SHARDS_DIR = "shards"
 
@@ -57,7 +58,7 @@ def with_copies(batch: pa.Table, copies: int, make_copy) -> pa.Table:
     independent of how Ray Data cuts batches.
 
     Rows and their copies are interleaved, not written copy after copy: the trainer shuffles within
-    windows of consecutive rows (kdray.train.shuffle_window), and a window of one kind (all labelled
+    windows of consecutive rows (kdray.runtime.train.shuffle_window), and a window of one kind (all labelled
     rows, or all unlabeled blends) would train in long stretches with and without the hard-label
     term (and every epoch ending on the same kind). On jobs/fashion_mnist.yaml the student recovered
     0.52 of the teacher-baseline gap at T = 2 with rows interleaved (0.46 over three seeds), 0.22 in

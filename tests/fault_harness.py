@@ -29,10 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kdray.pipeline import read_stage_manifest
-from kdray.procfs import live_processes
-from kdray.storage import Storage
-from kdray.train import TRAIN_POLL_ENV, TRAIN_POLL_S
+from procfs import live_processes
+
+from kdray.runtime.stage import read_stage_manifest
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import TRAIN_POLL_ENV, TRAIN_POLL_S
 
 T = TypeVar("T")
 
@@ -193,7 +194,7 @@ def checkpointed_history(snapshot: dict[str, Any]) -> list[dict[str, float]]:
     run restores instead of training again."""
     import torch
 
-    from kdray.train import CHECKPOINT_FILE
+    from kdray.runtime.train import CHECKPOINT_FILE
 
     directory = snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
     state = torch.load(os.path.join(snapshot["path"], directory, CHECKPOINT_FILE), map_location="cpu",
@@ -244,7 +245,7 @@ def kill_inside_and_between(config: str, storage_path: str, run_name: str, logs:
     `storage_path` is a local directory (the runs' files are watched there) and `logs` one for the
     three runs' output. Each wait fails (RunFailed, with the run's
     output) after `timeout` seconds or if the run exits first. The runs' Ray Train polls every
-    kdray.train.TRAIN_POLL_S whatever this environment says (Ray Train registers a checkpoint when
+    kdray.runtime.train.TRAIN_POLL_S whatever this environment says (Ray Train registers a checkpoint when
     it polls; at its default 2 s several fast epochs' checkpoints would be registered at once), so
     the first kill lands after one epoch's checkpoint, not after a batch of them.
     """
@@ -298,7 +299,7 @@ def weight_differences(actual: Storage, expected: Storage, bundle: str) -> list[
     """The parameters of `bundle` that are not bitwise equal in the two stage directories."""
     import torch
 
-    from kdray.artifacts import load_bundle
+    from kdray.runtime.artifacts import load_bundle
 
     first, _ = load_bundle(actual, bundle)
     second = load_bundle(expected, bundle)[0].state_dict()

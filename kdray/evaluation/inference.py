@@ -8,26 +8,14 @@ every consumer treats a single model and an ensemble alike.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pyarrow as pa
 import torch
 
-from kdray.artifacts import load_bundle
 from kdray.data.tensors import column_tensor
-from kdray.losses import ensemble_logits
-from kdray.storage import Storage
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """Where a model lives: one bundle directory, or several (an ensemble), on one storage root;
-    `trusted` lists the `package.module:factory` paths its bundles may name (see kdray.artifacts)."""
-
-    location: str
-    bundles: tuple[str, ...]
-    trusted: tuple[str, ...] = ()
+from kdray.distill.losses import ensemble_logits
+from kdray.runtime.artifacts import ModelRef, load_bundle
+from kdray.runtime.storage import Storage
 
 
 def features(batch: pa.Table, column: str = "x") -> np.ndarray:

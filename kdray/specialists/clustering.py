@@ -2,7 +2,7 @@
 
 1. The generalist (the teacher stage's model) predicts the validation split through a Ray Data
    actor pool; its probabilities stream into a `CovarianceAccumulator` batch by batch, giving the
-   C x C covariance of the predicted class probabilities (kdray.covariance).
+   C x C covariance of the predicted class probabilities (kdray.specialists.covariance).
 2. A Ray task runs an online k-means over the covariance's columns (`assign_specialist_subsets`):
    classes that co-vary (are predicted together) share a cluster. Each column keeps only its
    positive co-variation with the other classes (`column_features`) and is scaled to unit length,
@@ -32,15 +32,18 @@ import pyarrow.parquet as pq
 import ray
 
 from kdray.config import ClusteringConfig
-from kdray.covariance import CovarianceAccumulator
-from kdray.data import read_manifest, read_split
-from kdray.data import splitmix_uniform  # sample_rows' hash: one definition
+from kdray.data import (
+    read_manifest,
+    read_split,
+    splitmix_uniform,  # sample_rows' hash: one definition
+)
 from kdray.data.shards import DatasetManifest
-from kdray.inference import ModelRef, features, map_logits
-from kdray.metrics import log_softmax
-from kdray.pipeline import StageContext, StageResult
-from kdray.runtime import gather
-from kdray.storage import Storage
+from kdray.evaluation.inference import ModelRef, features, map_logits
+from kdray.evaluation.metrics import log_softmax
+from kdray.runtime.session import gather
+from kdray.runtime.stage import StageContext, StageResult
+from kdray.runtime.storage import Storage
+from kdray.specialists.covariance import CovarianceAccumulator
 
 SUBSETS, COVARIANCE, COVARIANCE_PLOT, CLASS_INDEX = "subsets.json", "covariance.npy", "covariance.png", "class_index"
 INDEX_MANIFEST = "index.json"

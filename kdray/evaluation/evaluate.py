@@ -24,14 +24,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from kdray.artifacts import check_bundle, load_bundle, load_spec
 from kdray.config import short_repr
 from kdray.data.shards import DatasetError, DatasetManifest, read_manifest, read_parquet
-from kdray.inference import ModelRef, features, fixed_size_list
-from kdray.losses import ensemble_logits
-from kdray.metrics import N_BINS, ClassificationStats, defined_or_none, gain_kept, gap_recovered
-from kdray.pipeline import MANIFEST, StageContext, StageResult, read_stage_manifest
-from kdray.storage import Storage
+from kdray.distill.losses import ensemble_logits
+from kdray.evaluation.inference import ModelRef, features, fixed_size_list
+from kdray.evaluation.metrics import N_BINS, ClassificationStats, defined_or_none, gain_kept, gap_recovered
+from kdray.runtime.artifacts import check_bundle, load_bundle, load_spec
+from kdray.runtime.stage import MANIFEST, StageContext, StageResult, read_stage_manifest
+from kdray.runtime.storage import Storage
 
 RESULTS = "results.json"
 EVALUATED_SPLITS = ("test", "validation")  # test is required; validation is reported when present
@@ -46,14 +46,10 @@ class RunError(Exception):
 
 # ------------------------------------------------------------------------------------ a run's models
 def run_manifests(run: Storage) -> dict[str, dict[str, Any]]:
-    """The finished stages' manifests of a run directory, in pipeline order (unknown stages last)."""
-    from kdray.stages import pipeline_stages
-
+    """The finished stages' manifests of a run directory, in pipeline order (`pipeline_order`)."""
     names = [name for name in run.list() if not name.startswith(("_", ".")) and run.is_dir(name)]
-    known = [stage.name for stage in pipeline_stages()]
-    ordered = [name for name in known if name in names] + [name for name in names if name not in known]
     manifests = {}
-    for name in ordered:
+    for name in names:
         manifest = read_stage_manifest(run, name)
         if manifest is None and run.exists(name, MANIFEST):
             raise RunError(f"{run.uri(name, MANIFEST)} is not a stage manifest (a JSON object): re-run the stage")
@@ -61,7 +57,24 @@ def run_manifests(run: Storage) -> dict[str, dict[str, Any]]:
             manifests[name] = manifest
     if not manifests:
         raise RunError(f"{run.location} has no finished stage (no STAGE/manifest.json): is it a kdray run directory?")
-    return manifests
+    return {name: manifests[name] for name in pipeline_order(manifests)}
+
+
+def pipeline_order(manifests: Mapping[str, dict[str, Any]]) -> list[str]:
+    """Stage names, each after the stages it read (its manifest's `inputs`), ties in the order they
+    finished: the order the pipeline ran them, read from the run itself."""
+    def inputs(name: str) -> set[str]:
+        value = manifests[name].get("inputs")
+        return set(value) & set(manifests) if isinstance(value, dict) else set()
+
+    pending = sorted(manifests, key=lambda name: (str(manifests[name].get("finished_at", "")), name))
+    ordered: list[str] = []
+    while pending:
+        # A tampered manifest could make a cycle: then the earliest finished goes first.
+        ready = next((name for name in pending if inputs(name) <= set(ordered)), pending[0])
+        ordered.append(ready)
+        pending.remove(ready)
+    return ordered
 
 
 def run_models(manifests: Mapping[str, dict[str, Any]]) -> dict[str, tuple[str, dict[str, Any]]]:
@@ -146,7 +159,7 @@ def check_compatible(models: Mapping[str, ModelRef], feature_dim: int, num_class
 # ------------------------------------------------------------------------------------ extension point
 # A model entry is normally a set of bundles: one net, or an ensemble whose logits are the log of its
 # members' mean probability. A stage whose models combine nets some other way (the specialists
-# stage: a generalist and its specialists combined by minimising KL, kdray.combine) registers here,
+# stage: a generalist and its specialists combined by minimising KL, kdray.specialists.combine) registers here,
 # under its stage name, the import path of a function
 #
 #     combined_logits(dataset, run: Storage, manifest: dict, model: str, batch_size: int,
@@ -154,8 +167,8 @@ def check_compatible(models: Mapping[str, ModelRef], feature_dim: int, num_class
 #
 # returning the lazy `dataset` with all its columns plus "logits" ([C] float32 fixed-size lists).
 # Every model that stage lists in outputs["models"] is then evaluated (`evaluate_manifests`) and
-# predicted (`kdray.predict`) through it. An import path, so a stage's code loads only when needed.
-COMBINERS: dict[str, str] = {"specialists": "kdray.combine_stage:combined_logits"}
+# predicted (`kdray.evaluation.predict`) through it. An import path, so a stage's code loads only when needed.
+COMBINERS: dict[str, str] = {"specialists": "kdray.specialists.combined:combined_logits"}
 
 
 def combiner(stage: str) -> Callable | None:

@@ -1,4 +1,4 @@
-"""The specialists stage: one Ray actor per class subset, trained independently (paper, section 5.2).
+"""Specialists: one Ray actor per class subset, trained independently (paper, section 5.2).
 
 A specialist over the classes S (|S| = K) is the generalist's body with a new head of K + 1 outputs:
 S in order, then one **dustbin** for every other class. Its head starts from the generalist's: the
@@ -8,7 +8,7 @@ the stream's under-sampling r below), so the untrained specialist is the general
 S + dustbin under its training stream's class prior.
 
 **Its stream.** Each epoch reads, with Ray Data, the per-class files the clustering stage wrote
-(`kdray.clustering.write_class_index`): every row of S (n_S rows) and a uniform sample of the
+(`kdray.specialists.clustering.write_class_index`): every row of S (n_S rows) and a uniform sample of the
 n_rest other rows at the fraction
 
     r = min(1, n_S (1 - f) / (f n_rest)),    f = specialists.subset_fraction (1/2: half and half),
@@ -46,24 +46,29 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from kdray.artifacts import BiasedLogits, ModelSpec, load_bundle, load_spec, save_bundle
-from kdray.clustering import CLASS_INDEX, INDEX_MANIFEST, SUBSETS
 from kdray.config import Config, ResourcesConfig, TrainConfig
 from kdray.data.shards import read_parquet
-from kdray.inference import ModelRef
-from kdray.losses import MIN_LOG_MASS, ensemble_logits
+from kdray.distill.losses import MIN_LOG_MASS, ensemble_logits
+from kdray.evaluation.inference import ModelRef
 from kdray.models import replace_head
-from kdray.pipeline import StageContext, StageResult
-from kdray.runtime import runs_that_fit, unwrap_remote_error
-from kdray.storage import Storage
-from kdray.train import LossSpec, evaluate_batches, evaluation_metrics, make_optimizer, make_schedule, train_epoch
+from kdray.runtime.artifacts import BiasedLogits, ModelSpec, load_bundle, load_spec, save_bundle
+from kdray.runtime.session import runs_that_fit, unwrap_remote_error
+from kdray.runtime.storage import Storage
+from kdray.runtime.train import (
+    LossSpec,
+    evaluate_batches,
+    evaluation_metrics,
+    make_optimizer,
+    make_schedule,
+    train_epoch,
+)
+from kdray.specialists.clustering import INDEX_MANIFEST
 
 CHECKPOINT, HISTORY, FAILED_ONCE = "state.pt", "history.json", "failed-once"
 MAX_RESTARTS = 3
 READ_CPUS = 0.25  # each Ray Data read task inside a specialist
 SHUFFLE_BYTES = 64 * 2**20  # a specialist's local shuffle buffer, at most
 SEED_STRIDE = 1009
-COMBINED = "generalist+specialists"
 
 
 def shuffle_buffer_rows(epoch_rows: int, row_bytes: int, batch_size: int) -> int:
@@ -354,7 +359,7 @@ def train_specialists(jobs: list[SpecialistJob], resources: ResourcesConfig, max
     import ray
     from tqdm.auto import tqdm
 
-    from kdray.train import use_gpu
+    from kdray.runtime.train import use_gpu
 
     results = {job.name: {"name": job.name, "reused": True} for job in jobs if finished(job)}
     todo = [job for job in jobs if job.name not in results]
@@ -387,30 +392,3 @@ def train_specialists(jobs: list[SpecialistJob], resources: ResourcesConfig, max
             for _, actor in pending.values():
                 ray.kill(actor)
     return results
-
-
-# ------------------------------------------------------------------------------------ the stage
-def run_specialists(context: StageContext) -> StageResult:
-    from kdray import combine_stage
-
-    config, output = context.config, context.output
-    clustering = Storage(context.input_output("clustering", "clustering"))
-    subsets = clustering.read_json(SUBSETS)
-    class_index = clustering.child(CLASS_INDEX)
-    class_rows = class_index.read_json(INDEX_MANIFEST)["rows"]
-    generalist = context.model_ref("teacher", "teacher")
-    dataset = context.input_output("data", "dataset")
-    jobs = specialist_jobs(config, subsets["subsets"], class_rows, class_index.location, generalist, dataset,
-                           output, context.work)
-    results = train_specialists(jobs, config.resources, config.specialists.max_concurrent, context.progress)
-    combined = {"location": output.location, "bundles": [job.name for job in jobs],
-                "generalist": {"location": generalist.location, "bundles": list(generalist.bundles)},
-                "top_n": config.specialists.top_n}
-    models = {COMBINED: combined}
-    summary = {"trained": sorted(n for n, r in results.items() if not r.get("reused")),
-               "reused": sorted(n for n, r in results.items() if r.get("reused"))}
-    if config.specialists.distill_back:
-        models[combine_stage.DISTILLED] = combine_stage.distill_back(context, combined, dataset)
-    tables = combine_stage.write_tables(context, models, dataset, subsets["subsets"])
-    summary.update(combine_stage.table_summary(tables))
-    return StageResult(outputs={"models": models, "tables": output.uri(combine_stage.TABLES)}, summary=summary)

@@ -1,5 +1,5 @@
 """The machine's live processes, read from /proc (Linux only): who started each, its session, the
-CPU it has used and a readable name. kdray.faults lists a killed run's leftovers with it;
+CPU it has used and a readable name. tests/fault_harness.py lists a killed run's leftovers with it;
 benchmarks/data_throughput.py --cpu measures where a training loop's CPU went."""
 
 from __future__ import annotations
