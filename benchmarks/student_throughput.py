@@ -78,7 +78,7 @@ def benchmark_config(args: argparse.Namespace, ray_cpus: int) -> Config:
         "distill": {"student": {"name": "mlp", "hidden": args.hidden}, "baseline": False,
                     "train": {"epochs": args.epochs, "batch_size": args.batch_size}},
         # The CPU count of this machine, and at least what the run holds at once plus one CPU for
-        # Ray Data's reads (with none left, a read waits forever: see RAY.md).
+        # Ray Data's reads (with none left, a read waits forever).
         "resources": {"num_workers": 1, "cpus_per_worker": 1.0, "use_gpu": False,
                       "local_num_cpus": max(ray_cpus, os.cpu_count() or 1)},
     }, source="benchmark arguments")

@@ -45,7 +45,7 @@ BEST = "best"
 TRIALS_CSV, TRIALS_JSON = "trials.csv", "trials.json"
 SWEPT = "student-swept"
 PARAMETERS = ("temperature", "hard_weight", "width")
-TRIAL_CPUS = 0.1  # the trial function only waits on its trainer (shared/RAY.md)
+TRIAL_CPUS = 0.1  # the trial function only waits on its trainer, which holds the CPUs it trains on
 TRIAL_WORKER_CPUS = 0.001  # logical only: torch in a worker with < 1 CPU runs one thread either way
 # Every trial reaches ASHA's first rung (its grace period); later epochs only the promoted ones,
 # and the first trials to reach a rung are promoted before any rival has been seen. Errors at the

@@ -309,9 +309,8 @@ def read_parquet(paths, filesystem, **options):
     """`ray.data.read_parquet` through Ray Data's V1 Parquet datasource; every kdray read goes here.
 
     Ray 2.60 routes Parquet reads through DataSourceV2 by default, which adds file-listing and
-    footer-reading tasks and streamed kdray's shards 10-20x slower: the default run's train split
-    reached a Ray Train worker at 1.3-12k rows/s with V2 against 100-130k rows/s with V1 (2-core
-    machine). kdray always knows its files and schema from a manifest, so V2's discovery buys
+    footer-reading tasks and streams kdray's shards an order of magnitude slower (measured in
+    benchmarks/performance.md). kdray always knows its files and schema from a manifest, so V2's discovery buys
     nothing here. The switch is read when the Dataset is created, so it is flipped only for that.
     Its executions learn their resource limits at once (kdray.runtime.raydata).
     """
@@ -321,8 +320,7 @@ def read_parquet(paths, filesystem, **options):
 
     if isinstance(paths, (list, tuple)):
         # One block per shard: Ray would otherwise cut each file into several blocks to reach its
-        # default parallelism, and per-block costs dominate a small model's input pipeline
-        # (2.2x the CPU per row streamed, measured on the synthetic shards).
+        # default parallelism, and per-block costs dominate a small model's input pipeline.
         options.setdefault("override_num_blocks", len(paths))
     context = ray.data.DataContext.get_current()
     previous, context.use_datasource_v2 = context.use_datasource_v2, False

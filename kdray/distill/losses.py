@@ -1,6 +1,6 @@
 """The distillation losses (paper, section 2) as pure functions of logits.
 
-Conventions, pinned by tests/test_losses.py (PAPER.md, section 6, lists how libraries differ):
+Conventions, pinned by tests/test_losses.py (libraries differ on each; docs/concepts.md):
 - The soft term is T^2 * KL(softmax(v / T) || softmax(z / T)), with v the teacher's logits and z the
   student's; the KL is summed over classes and averaged over examples ("batchmean"), never averaged
   over classes too. The T^2 keeps its gradients O(1) as T grows, so `hard_weight` means the same at

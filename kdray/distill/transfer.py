@@ -60,10 +60,7 @@ def with_copies(batch: pa.Table, copies: int, make_copy) -> pa.Table:
     Rows and their copies are interleaved, not written copy after copy: the trainer shuffles within
     windows of consecutive rows (kdray.runtime.train.shuffle_window), and a window of one kind (all labelled
     rows, or all unlabeled blends) would train in long stretches with and without the hard-label
-    term (and every epoch ending on the same kind). On jobs/fashion_mnist.yaml the student recovered
-    0.52 of the teacher-baseline gap at T = 2 with rows interleaved (0.46 over three seeds), 0.22 in
-    blocks (one seed); on jobs/ensemble.yaml the two differ by less than the seeds' spread
-    (benchmarks/distillation.md)."""
+    term (and every epoch ending on the same kind); benchmarks/distillation.md has what each cost."""
     ids = batch.column("id").to_numpy().astype(np.int64)
     x, x_type = features(batch), batch.schema.field("x").type
     versions = []

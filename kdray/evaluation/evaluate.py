@@ -407,7 +407,7 @@ def _rounded(value: float | None, digits: int) -> float | None:
 def run_evaluate(context: StageContext) -> StageResult:
     """The pipeline's evaluate stage: results.json in the stage directory and at the run root."""
     # One evaluating actor: inference is cheap next to training, and a pool as wide as the cluster
-    # would hold every CPU and starve the reads feeding it (see shared/RAY.md).
+    # would hold every CPU and starve the reads feeding it (Ray Data's read tasks need a CPU of their own).
     results = evaluate_manifests(context.run, context.inputs, trusted=context.config.model_factories())
     context.output.write_json(results, RESULTS)
     context.run.write_json(results, RESULTS)

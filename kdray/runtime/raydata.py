@@ -5,10 +5,8 @@ coordinator actor, which a new execution's client asks for asynchronously: the f
 the limits sees no answer yet and sets them to zero, and the next refresh comes only
 `ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S` (1 s) later. Every pass over a Dataset, so every
 training epoch, is a new execution: for its first second each operator's output budget is zero,
-blocks are let through one at a time by the executor's stall guard, and its scheduling loop spins
-(1,100-1,700 loop steps in that second against 13-16 for the whole pass once the limits are known;
-0.75 CPU-s per epoch taken from the training loop on 2 cores: benchmarks/data_throughput.py
---cpu). Refreshing every 50 ms lets the limits arrive with the coordinator's first answer; a
+blocks are let through one at a time by the executor's stall guard, and its scheduling loop spins,
+taking CPU from the training loop (measured in benchmarks/performance.md). Refreshing every 50 ms lets the limits arrive with the coordinator's first answer; a
 refresh only reads the cached answer and sends one asynchronous request.
 
 Ray has no setting for the interval. `prompt_resource_limits` registers an execution callback in

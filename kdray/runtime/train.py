@@ -31,9 +31,8 @@ TEACHER_LOGITS = "t"  # full teacher logits [C]
 TOPK_COLUMNS = ("t_values", "t_indices", "t_rest")  # top-k compressed teacher logits
 # Training rows come from Ray Data in windows of up to SHUFFLE_WINDOW_BATCHES batches (at most
 # SHUFFLE_WINDOW_BYTES), shuffled within the window. Each window handed over costs Ray Data's
-# iterator and executor threads CPU beside the training loop: on 2 cores, streaming reached 0.79 of
-# the in-memory loop's rows/s with windows of 8 batches, 0.83 with 32, 0.86 with 32 and two windows
-# prefetched (benchmarks/data_throughput.py).
+# iterator and executor threads CPU beside the training loop, so windows are large and two are
+# prefetched (the sizes measured in benchmarks/performance.md).
 SHUFFLE_WINDOW_BATCHES = 32
 SHUFFLE_WINDOW_BYTES = 64 << 20
 PREFETCH_WINDOWS = 2
@@ -44,9 +43,8 @@ DTYPES = {"x": torch.float32, "y": torch.int64, TEACHER_LOGITS: torch.float32, T
 # RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a worker's `ray.train.report` waits for that
 # poll (its result queue holds one report). So an epoch shorter than the interval waits out the rest
 # of it, and a worker dying within it loses its last report's checkpoint. kdray's epochs on small
-# data take well under a second (the default run's 0.1-1.5 s): its runs poll every TRAIN_POLL_S
-# (the default run of 2026-12-04 took 74 s instead of 110). The controller passes the setting on
-# to the workers.
+# data take well under a second, so its runs poll every TRAIN_POLL_S (what that saves:
+# benchmarks/performance.md). The controller passes the setting on to the workers.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_S = 0.2
 
