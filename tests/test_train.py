@@ -13,6 +13,7 @@ from kdray.data.shards import read_split
 from kdray.runtime.artifacts import ModelSpec
 from kdray.runtime.storage import Storage
 from kdray.runtime.train import (
+    BATCH_LOSSES,
     SHUFFLE_WINDOW_BATCHES,
     SHUFFLE_WINDOW_BYTES,
     TRAIN_POLL_ENV,
@@ -20,6 +21,7 @@ from kdray.runtime.train import (
     EpochCache,
     FitSpec,
     LossSpec,
+    batch_loss,
     fit,
     poll_workers_often,
     row_bytes,
@@ -143,3 +145,21 @@ def test_shuffle_windows_hold_32_batches_up_to_their_byte_budget_and_never_less_
     assert window_rows(8, big_row) == 8 * (SHUFFLE_WINDOW_BYTES // (8 * big_row))
     assert window_rows(256, big_row) == 256  # a batch over budget is still one batch
     assert row_bytes(ModelSpec("mlp", {}, (1, 28, 28), 10)) == 4 * (784 + 10) + 8
+
+
+def test_an_unknown_loss_kind_is_refused_listing_the_registered_ones():
+    with pytest.raises(ValueError, match=r"unknown loss kind 'soft'; registered: \['distill', 'hard'\]"):
+        LossSpec("soft")
+
+
+@pytest.mark.parametrize("kind", sorted(BATCH_LOSSES))
+def test_every_registered_loss_trains_through_the_batch_loop(kind):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    batch = {"x": torch.randn(8, 4), "y": torch.randint(0, 3, (8,)), "t": torch.randn(8, 3)}
+    spec = LossSpec(kind, temperature=2.0, hard_weight=0.5)
+    total, logits, terms = batch_loss(model, batch, spec, 3)
+    total.backward()
+    assert logits.shape == (8, 3) and torch.isfinite(total) and model.weight.grad.abs().sum() > 0
+    assert set(spec.columns()) == {"x", "y", *(["t"] if BATCH_LOSSES[kind].needs_teacher else [])}
+    assert "hard" in terms and ("soft" in terms) == BATCH_LOSSES[kind].needs_teacher

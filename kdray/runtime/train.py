@@ -50,18 +50,44 @@ TRAIN_POLL_S = 0.2
 
 
 @dataclass(frozen=True)
+class BatchLoss:
+    """A training objective: `compute(logits, batch, loss, num_classes) -> (total, {term: value})`;
+    `needs_teacher`: the batch carries the teacher's cached logits."""
+
+    compute: Callable[..., tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    needs_teacher: bool
+
+
+def _hard_loss(logits, batch, loss, num_classes):
+    total = hard_target_loss(logits, batch["y"])
+    return total, {"hard": total.detach()}
+
+
+def _distill_loss(logits, batch, loss, num_classes):
+    terms = distillation_loss(logits, teacher_logits(batch, loss, num_classes), batch["y"], loss.temperature,
+                              loss.hard_weight)
+    return terms.total, {"soft": terms.soft.detach(), "hard": terms.hard.detach()}
+
+
+# The objectives a LossSpec names: looked up by name, so a new one is an entry here, not a branch in
+# the batch loop.
+BATCH_LOSSES: dict[str, BatchLoss] = {"hard": BatchLoss(_hard_loss, needs_teacher=False),
+                                      "distill": BatchLoss(_distill_loss, needs_teacher=True)}
+
+
+@dataclass(frozen=True)
 class LossSpec:
-    kind: str = "hard"  # "hard" | "distill"
+    kind: str = "hard"  # a name in BATCH_LOSSES
     temperature: float = 1.0
     hard_weight: float = 1.0
     top_k: int | None = None  # teacher logits stored as top-k columns
 
     def __post_init__(self) -> None:
-        if self.kind not in ("hard", "distill"):
-            raise ValueError(f"loss kind must be 'hard' or 'distill', got {self.kind!r}")
+        if self.kind not in BATCH_LOSSES:
+            raise ValueError(f"unknown loss kind {self.kind!r}; registered: {sorted(BATCH_LOSSES)}")
 
     def columns(self) -> list[str]:
-        if self.kind == "hard":
+        if not BATCH_LOSSES[self.kind].needs_teacher:
             return ["x", "y"]
         return ["x", "y", *(TOPK_COLUMNS if self.top_k else (TEACHER_LOGITS,))]
 
@@ -94,9 +120,8 @@ def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
 
 
-def teacher_logits(batch: dict[str, torch.Tensor], loss: LossSpec, num_classes: int) -> torch.Tensor | None:
-    if loss.kind == "hard":
-        return None
+def teacher_logits(batch: dict[str, torch.Tensor], loss: LossSpec, num_classes: int) -> torch.Tensor:
+    """The batch's cached teacher logits [B, C], expanded when stored as top-k columns."""
     if loss.top_k:
         values, indices, rest = (batch[name] for name in TOPK_COLUMNS)
         return expand_topk_logits(values, indices, rest, num_classes)
@@ -106,12 +131,8 @@ def teacher_logits(batch: dict[str, torch.Tensor], loss: LossSpec, num_classes: 
 def batch_loss(model: nn.Module, batch: dict[str, torch.Tensor], loss: LossSpec, num_classes: int):
     """(total loss, logits, terms dict) for one batch."""
     logits = model(batch["x"])
-    if loss.kind == "hard":
-        total = hard_target_loss(logits, batch["y"])
-        return total, logits, {"hard": total.detach()}
-    terms = distillation_loss(logits, teacher_logits(batch, loss, num_classes), batch["y"],
-                              loss.temperature, loss.hard_weight)
-    return terms.total, logits, {"soft": terms.soft.detach(), "hard": terms.hard.detach()}
+    total, terms = BATCH_LOSSES[loss.kind].compute(logits, batch, loss, num_classes)
+    return total, logits, terms
 
 
 def train_epoch(model, optimizer, batches, loss: LossSpec, config: TrainConfig, num_classes: int) -> dict[str, float]:
