@@ -7,12 +7,12 @@ teacher and a smaller student, --epochs each) runs uninterrupted once, in this p
 reference. Then each fault, measured from what the run wrote:
 
 - a Ray Train worker killed mid-epoch: the teacher's training run again through `kdray.runtime.train.fit`
-  with `fail_at_epoch=1` (rank 0 exits in the middle of epoch 2) and a callback that logs every
+  with KDRAY_FAIL_AT_EPOCH=1 (rank 0 exits in the middle of epoch 2) and a callback that logs every
   report and failure Ray Train sees (kdray's runs poll their workers every
   `kdray.runtime.train.TRAIN_POLL_S`: at Ray Train's default 2 s the worker often dies before Ray Train has
   collected epoch 1's report, and the injected fault then strikes again on every retry);
 - a specialist actor killed: one specialist (clustering on the reference's teacher) trained by
-  `train_specialists` with `fail_at_epoch=1`;
+  `train_specialists` with KDRAY_FAIL_AT_EPOCH=1;
 - the driver killed inside a stage and between stages: `kdray run` as a child process SIGKILLed
   once the teacher has checkpointed an epoch, run again and SIGKILLed once the transfer stage's
   manifest is written, run a third time to the end (`tests/fault_harness.py`'s `kill_inside_and_between`);
@@ -39,13 +39,11 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import ray
 import torch
 import yaml
-from ray.train import UserCallback
 
 from kdray.cli import main as kdray_main
 from kdray.config import load_config
@@ -58,12 +56,23 @@ from kdray.runtime.artifacts import save_bundle
 from kdray.runtime.stage import MANIFEST, read_stage_manifest
 from kdray.runtime.storage import Storage
 from kdray.runtime.train import fit
-from kdray.specialists.actors import FAILED_ONCE, HISTORY, epoch_rows, specialist_jobs, train_specialists
+from kdray.specialists.actors import HISTORY, epoch_rows, specialist_jobs, train_specialists
 from kdray.specialists.clustering import CLASS_INDEX, INDEX_MANIFEST, SUBSETS
 
 # The fault and /proc harness is shared with the tests, which hold it (it ships in no package).
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from fault_harness import differences, kill_inside_and_between, stage_lines, weight_differences, without_timing  # noqa: E402
+from fault_harness import (  # noqa: E402
+    differences,
+    failing_at_epoch,
+    kill_inside_and_between,
+    read_events,
+    stage_lines,
+    train_event_recorder,
+    weight_differences,
+    without_timing,
+)
+
+FAULT_EPOCH = 1  # workers and actors die in the middle of their second epoch
 
 
 def bench_config(rows: int, epochs: int, cpus: int) -> dict:
@@ -99,36 +108,20 @@ def _epochs(first: int, last: int) -> str:
 
 
 # ------------------------------------------------------------------------------------ worker killed
-class TrainEvents(UserCallback):
-    """Appends every report and failure Ray Train's controller sees to a JSON-lines file."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def _log(self, event: dict) -> None:
-        with open(self.path, "a") as file:
-            file.write(json.dumps(event) + "\n")
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self._log({"event": "report", "epoch": int(metrics[0]["epoch"]), "rows": int(metrics[0]["rows"])})
-
-    def after_exception(self, run_context, worker_exceptions):
-        self._log({"event": "failure", "ranks": sorted(worker_exceptions),
-                   "error": " ".join(type(e).__name__ for e in worker_exceptions.values())})
-
-
 def worker_fault(config, clean: Storage, scratch: Path) -> dict:
     """The reference teacher's training again, its rank-0 worker killed mid-epoch 2."""
     dataset = Storage(read_stage_manifest(clean, "data")["outputs"]["dataset"])
     manifest = read_manifest(dataset)
-    spec = replace(member_spec(config, manifest.feature_shape, manifest.num_classes, 0), fail_at_epoch=1)
+    spec = member_spec(config, manifest.feature_shape, manifest.num_classes, 0)
     train = sample_rows(read_split(dataset, "train", manifest), config.teacher.member_data_fraction, seed=0)
-    events_path = scratch / "train-events.jsonl"
+    events_path = str(scratch / "train-events.jsonl")
     started = time.perf_counter()
-    result = fit(spec, {"train": train, "validation": read_split(dataset, "validation", manifest)},
-                 config.resources, str(scratch / "train"), "worker-fault", callbacks=[TrainEvents(str(events_path))])
+    with failing_at_epoch(FAULT_EPOCH):
+        result = fit(spec, {"train": train, "validation": read_split(dataset, "validation", manifest)},
+                     config.resources, str(scratch / "train"), "worker-fault",
+                     callbacks=[train_event_recorder(events_path)])
     seconds = time.perf_counter() - started
-    events = [json.loads(line) for line in events_path.read_text().splitlines()]
+    events = read_events(events_path)
     failures = [index for index, event in enumerate(events) if event["event"] == "failure"]
     reports = [event["epoch"] for event in events if event["event"] == "report"]
     epochs = config.teacher.train.epochs
@@ -141,7 +134,7 @@ def worker_fault(config, clean: Storage, scratch: Path) -> dict:
     resumed.write_json(result.history, "teacher", member_name(0), "history.json")
     return {
         "fault": "Ray Train worker killed mid-epoch",
-        "injected": f"rank 0 os._exit in epoch {spec.fail_at_epoch + 1} of {epochs}; Ray Train saw "
+        "injected": f"rank 0 os._exit in epoch {FAULT_EPOCH + 1} of {epochs}; Ray Train saw "
                     f"{len(failures)} failure(s)" + (f" ({events[failures[0]]['error']})" if failures else ""),
         "survived": [h["epoch"] for h in result.history] == list(range(1, epochs + 1)),
         "rows_lost": manifest.rows("train") * epochs - int(sum(h["rows"] for h in result.history)),
@@ -168,19 +161,18 @@ def specialist_fault(config, clean: Storage, scratch: Path) -> dict:
                           ModelRef(**manifests["teacher"]["outputs"]["teacher"]),
                           manifests["data"]["outputs"]["dataset"], Storage(str(scratch / "specialists")),
                           Storage(str(scratch / "specialists-work")))[0]
-    job = replace(job, fail_at_epoch=1)
     epochs = job.train.epochs
     started = time.perf_counter()
-    result = train_specialists([job], clustered.resources, max_concurrent=1)[job.name]
+    with failing_at_epoch(FAULT_EPOCH):
+        result = train_specialists([job], clustered.resources, max_concurrent=1)[job.name]
     seconds = time.perf_counter() - started
     history = Storage(job.output).read_json(job.name, HISTORY)
     expected = sum(epoch_rows(job, epoch).count() for epoch in range(epochs))  # (its seed only orders rows)
-    died = Storage(job.work).child(job.name).exists(FAILED_ONCE)
-    resumed = result.get("resumed_from_epoch")
+    resumed = result.get("resumed_from_epoch")  # above 0 only after a restart: a first attempt starts at 0
     return {
         "fault": "specialist actor killed",
-        "injected": f"actor os._exit in epoch {job.fail_at_epoch + 1} of {epochs} (classes {list(job.classes)}); "
-                    + ("its marker file shows it died" if died else "it did NOT die"),
+        "injected": f"actor os._exit in epoch {FAULT_EPOCH + 1} of {epochs} (classes {list(job.classes)}); "
+                    + ("it resumed from its checkpoint, so it died" if resumed else "it did NOT die"),
         "survived": Storage(job.output).exists(job.name, "model.json")
         and [h["epoch"] for h in history] == list(range(1, epochs + 1)),
         "rows_lost": expected - int(sum(h["rows"] for h in history)),

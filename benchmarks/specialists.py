@@ -45,7 +45,8 @@ import torch
 from kdray.config import Config, load_config, parse_overrides
 from kdray.data import read_split
 from kdray.evaluation.inference import LogitsPredictor, ModelRef, features
-from kdray.pipeline import check_config, run_pipeline, stages_for
+from kdray.pipeline import run_pipeline, stages_for
+from kdray.preflight import check_config
 from kdray.runtime.session import ray_session
 from kdray.runtime.storage import Storage
 from kdray.runtime.train import use_gpu

@@ -59,7 +59,8 @@ def _run_storage(config):
 
 # ------------------------------------------------------------------------------------ commands
 def cmd_run(args: argparse.Namespace) -> int:
-    from kdray.pipeline import check_config, pipeline_stages, run_pipeline
+    from kdray.pipeline import pipeline_stages, run_pipeline
+    from kdray.preflight import check_config
     from kdray.runtime.session import ray_session
 
     config = _load(args)
@@ -77,7 +78,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from kdray.pipeline import check_config, run_pipeline, stages_for
+    from kdray.pipeline import run_pipeline, stages_for
+    from kdray.preflight import check_config
     from kdray.runtime.session import ray_session
 
     config = _load(args)
@@ -93,7 +95,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from kdray.pipeline import check_config
+    from kdray.preflight import check_config
     from kdray.submit import (
         check_job_config,
         config_in_working_dir,

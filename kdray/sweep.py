@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kdray.config import Config, ConfigError, ResourcesConfig, SweepConfig
+from kdray.config import Config, ResourcesConfig, SweepConfig
 from kdray.runtime.artifacts import ModelSpec, export_program, load_bundle, save_bundle
 from kdray.runtime.stage import StageContext, StageResult
 from kdray.runtime.storage import Storage
@@ -66,17 +66,6 @@ def search_space(sweep: SweepConfig) -> dict[str, Any]:
         values["width"] = list(sweep.widths)
     pick = tune.grid_search if sweep.search == "grid" else tune.choice
     return {name: pick(options) for name, options in values.items()}
-
-
-def check_sweep(config: Config) -> None:
-    """ConfigError naming the key when the sweep asks for something the student config cannot do."""
-    sweep, distill = config.sweep, config.distill
-    if sweep.widths and distill.student.name != "mlp":
-        raise ConfigError(f"invalid config: sweep.widths sets the hidden width of a 2-layer 'mlp' student, "
-                          f"but distill.student.name is {distill.student.name!r}; remove sweep.widths or use mlp")
-    if not distill.transfer.use_labels and any(weight > 0 for weight in sweep.hard_weights):
-        raise ConfigError("invalid config: sweep.hard_weights must be [0.0] when distill.transfer.use_labels is "
-                          f"false (the student sees no labels), got {sweep.hard_weights}")
 
 
 def trial_spec(base: FitSpec, params: dict[str, Any]) -> FitSpec:
@@ -307,7 +296,6 @@ def run_sweep(context: StageContext) -> StageResult:
     from kdray.data import read_manifest
 
     config, sweep = context.config, context.config.sweep
-    check_sweep(config)
     dataset = context.input_output("data", "dataset")
     manifest = read_manifest(Storage(dataset))
     concurrent = config.resources.max_concurrent_trials

@@ -6,6 +6,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from types import SimpleNamespace
 
 import pytest
 import ray
@@ -26,6 +27,26 @@ def ray_local():
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def distilled_run(ray_local, tmp_path_factory):
+    """tiny_data.tiny_run_config's run, finished once per session, interrupted between stages on the
+    way: the data and teacher stages first (`first`), then the whole pipeline (`full`), which must
+    not redo them. Tests read it; one that changes a run works on a copy (tiny_data.copy_run)."""
+    from tiny_data import tiny_run_config, write_blobs
+
+    from kdray.config import config_from_dict
+    from kdray.pipeline import pipeline_stages, run_pipeline
+    from kdray.runtime.storage import Storage
+
+    data, storage = str(tmp_path_factory.mktemp("tiny-data")), str(tmp_path_factory.mktemp("tiny-runs"))
+    write_blobs(data)
+    raw = tiny_run_config(data, storage)
+    config, run = config_from_dict(raw), Storage(storage).child("tiny")
+    first = run_pipeline(pipeline_stages()[:2], config, run, progress=False, log=lambda _: None)
+    full = run_pipeline(pipeline_stages(), config, run, progress=False, log=lambda _: None)
+    return SimpleNamespace(raw=raw, config=config, run=run, first=first, full=full)
 
 
 def pytest_sessionstart(session):

@@ -1,8 +1,10 @@
 """Driver faults for a whole `kdray run`: start it as a child process, wait until the run reaches a
 chosen point on storage, SIGKILL the driver there, and check that its Ray went with it.
 
-Used by tests/test_faults.py and benchmarks/faults.py (the other faults, a killed Ray Train worker
-or specialist actor, are injected through `FitSpec.fail_at_epoch` and `SpecialistJob.fail_at_epoch`).
+Used by tests/test_faults.py, tests/test_train.py, tests/test_specialists.py and benchmarks/faults.py.
+The other faults, a killed Ray Train worker or specialist actor, go through kdray's one hook
+(`kdray.runtime.faults`, the KDRAY_FAIL_AT_EPOCH variable): `failing_at_epoch` sets it for the runs
+started inside, and `train_event_recorder` records what Ray Train made of the failure.
 
 `start_run` starts `python -m kdray run` in a new session (setsid), so the driver's pid is the
 session id of every process the in-process local Ray starts for it: GCS, raylet, dashboard and
@@ -24,13 +26,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from procfs import live_processes
+from ray.train import UserCallback
 
+from kdray.runtime.faults import FAULT_ENV
 from kdray.runtime.stage import read_stage_manifest
 from kdray.runtime.storage import Storage
 from kdray.runtime.train import TRAIN_POLL_ENV, TRAIN_POLL_S
@@ -305,3 +310,43 @@ def weight_differences(actual: Storage, expected: Storage, bundle: str) -> list[
     second = load_bundle(expected, bundle)[0].state_dict()
     return [name for name, tensor in first.state_dict().items()
             if name not in second or not torch.equal(tensor, second[name])]
+
+
+# ------------------------------------------------------------------------------------ worker and actor faults
+@contextmanager
+def failing_at_epoch(epoch: int) -> Iterator[None]:
+    """Runs started inside lose a worker or actor in `epoch` (kdray forwards the variable to them)."""
+    before = os.environ.get(FAULT_ENV)
+    os.environ[FAULT_ENV] = str(epoch)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[FAULT_ENV]
+        else:
+            os.environ[FAULT_ENV] = before
+
+
+def train_event_recorder(path: str):
+    """A Ray Train callback that appends every report and failure the run's controller sees to the
+    JSON-lines file `path` (`read_events`). The class is made here, inside a function, so that it
+    pickles by value: the controller's process cannot import this test module."""
+
+    class TrainEvents(UserCallback):
+        def _log(self, event: dict) -> None:
+            with open(path, "a") as file:
+                file.write(json.dumps(event) + "\n")
+
+        def after_report(self, run_context, metrics, checkpoint):
+            self._log({"event": "report", "epoch": int(metrics[0]["epoch"]), "rows": int(metrics[0]["rows"])})
+
+        def after_exception(self, run_context, worker_exceptions):
+            self._log({"event": "failure", "ranks": sorted(worker_exceptions),
+                       "error": " ".join(type(e).__name__ for e in worker_exceptions.values())})
+
+    return TrainEvents()
+
+
+def read_events(path: str) -> list[dict]:
+    with open(path) as file:
+        return [json.loads(line) for line in file]

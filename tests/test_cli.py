@@ -14,7 +14,7 @@ from tiny_data import write_blobs
 
 from kdray.cli import main
 from kdray.config import ConfigError, config_from_dict, load_config
-from kdray.pipeline import check_config
+from kdray.preflight import check_config
 
 # Small enough that a run which wrongly got past the checks would fail or finish fast, not train for
 # minutes: each test below expects the run to stop before its first stage.
@@ -147,6 +147,64 @@ def test_preflight_checks_omitted_classes_against_the_dataset(tmp_path):
     raw["distill"] = {**raw["distill"], "transfer": {"omit_classes": [1, 3]}}
     with pytest.raises(ConfigError, match=r"distill\.transfer\.omit_classes: \[3\] not in \[0, 3\)"):
         check_config(config_from_dict(raw))
+
+
+# Every preflight check, through `kdray run` (and `kdray sweep` for the sweep's): each is refused with
+# exit 2 naming its key, before Ray starts or the run directory exists, so no stage and no training ran.
+# "{other}" is a dataset of another shape, for the transfer-set checks.
+PREFLIGHT_CASES = {
+    "model argument": (["teacher.model.dropout=2"], "teacher.model"),
+    "omitted class": (["distill.transfer.omit_classes=[4]"], "distill.transfer.omit_classes"),
+    "top-k above the classes": (["distill.transfer.top_k=5"], "distill.transfer.top_k"),
+    "jitter on flat features": (["distill.transfer.copies=2"], "distill.transfer.copies"),
+    "mixup partners too big": (["distill.transfer.copies=2", "distill.transfer.augment=mixup",
+                                "distill.transfer.mixup_partners=20000000"], "distill.transfer.mixup_partners"),
+    "transfer set of other features": (["distill.transfer.dataset={other}/dim6"], "distill.transfer.dataset"),
+    "transfer set of more classes": (["distill.transfer.dataset={other}/classes6"], "distill.transfer.dataset"),
+    "more specialists than classes": (["clustering.enabled=true", "clustering.num_specialists=5"],
+                                      "clustering.num_specialists"),
+    "subsets too big": (["clustering.enabled=true", "clustering.num_specialists=3", "clustering.min_size=2"],
+                        "clustering.min_size"),
+    "subsets too small": (["clustering.enabled=true", "clustering.num_specialists=2", "clustering.min_size=1",
+                           "clustering.max_size=1"], "clustering.max_size"),
+    "memberships above specialists": (["clustering.enabled=true", "clustering.num_specialists=2",
+                                       "clustering.memberships=3"], "clustering.memberships"),
+    "top-n above the classes": (["clustering.enabled=true", "clustering.num_specialists=2",
+                                 "specialists.top_n=5"], "specialists.top_n"),
+    "sweep width of a cnn": (["distill.student.name=cnn", "sweep.widths=[30]"], "sweep.widths"),
+    "sweep hard weight without labels": (["distill.transfer.use_labels=false", "sweep.hard_weights=[0.1]"],
+                                         "sweep.hard_weights"),
+}
+
+
+@pytest.fixture(scope="module")
+def other_datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("other")
+    write_blobs(str(root / "dim6"), classes=4, dim=6, rows=(12, 6, 6), shards_per_split=1)
+    write_blobs(str(root / "classes6"), classes=6, dim=5, rows=(12, 6, 6), shards_per_split=1)
+    return root
+
+
+@pytest.mark.parametrize("case", PREFLIGHT_CASES)
+def test_preflight_refuses_before_anything_runs(case, other_datasets, tmp_path, capsys):
+    overrides, key = PREFLIGHT_CASES[case]
+    command = "sweep" if key.startswith("sweep.") else "run"
+    sets = [f"--set={pair.format(other=other_datasets)}" for pair in overrides]
+    runs = tmp_path / "runs"
+    code, out, err = kdray([command, write_config(tmp_path, TINY), "--storage-path", str(runs), *sets], capsys)
+    assert code == 2 and err.startswith(f"kdray: error: invalid config: {key}: "), err
+    assert not runs.exists() and "[kdray]" not in out  # no run directory, no stage started
+
+
+def test_run_pipeline_checks_the_config_before_writing(tmp_path):
+    from kdray.pipeline import pipeline_stages, run_pipeline
+    from kdray.runtime.storage import Storage
+
+    raw = yaml.safe_load(TINY)
+    raw["clustering"] = {"enabled": True, "num_specialists": 5}
+    with pytest.raises(ConfigError, match=r"^invalid config: clustering\.num_specialists: 5 exceeds"):
+        run_pipeline(pipeline_stages(), config_from_dict(raw), Storage(str(tmp_path / "run")), log=lambda _: None)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------ data inspect

@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 from tiny_data import write_blobs
 
-from kdray.config import ClusteringConfig
+from kdray.config import ClusteringConfig, ConfigError
 from kdray.data import read_manifest
 from kdray.runtime.storage import Storage
 from kdray.specialists.clustering import (
@@ -104,7 +104,7 @@ def test_min_share_keeps_a_class_out_of_a_near_cluster_it_is_rarely_confused_wit
                                           ({"num_specialists": 2, "max_size": 3}, "max_size"),
                                           ({"num_specialists": 2, "memberships": 3}, "memberships")])
 def test_unmeetable_bounds_name_the_key(options, key):
-    with pytest.raises(ValueError, match=f"clustering.{key}"):
+    with pytest.raises(ConfigError, match=f"clustering.{key}"):
         assign_specialist_subsets(np.eye(8), ClusteringConfig(**options))
 
 

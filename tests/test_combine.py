@@ -12,6 +12,7 @@ from kdray.specialists.combine import (
     combine_by_gradient,
     combine_objective,
     combine_one_active,
+    membership_matrix,
     select_active_specialists,
 )
 from kdray.specialists.tables import format_tables, specialist_tables, table_counts
@@ -263,3 +264,10 @@ def test_no_gain_kept_is_shown_when_the_combination_did_not_gain() -> None:
     tables = _tables_for({"generalist": 3, "combined": 2, "distilled": 1})
     assert tables["overall"]["gain_kept"] is None  # not 2.0 from (1 - 3) / (2 - 3)
     assert "n/a (the combination did not beat the generalist)" in format_tables(tables)
+
+
+def test_membership_matrix_marks_each_subsets_classes() -> None:
+    expected = torch.tensor([[1, 1, 0, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(membership_matrix([(0, 1), (), [4, 1, 3]], 5), expected)
+    assert torch.equal(membership_matrix([torch.tensor([0, 1]), torch.tensor([], dtype=torch.int64),
+                                          torch.tensor([4, 1, 3])], 5), expected)  # as the combined model holds them

@@ -8,41 +8,18 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from benchmark_scripts import load_benchmark
-from tiny_data import write_blobs
 
-from kdray.config import config_from_dict
 from kdray.distill.transfer import read_transfer
 from kdray.evaluation.evaluate import RESULTS, format_results_table
 from kdray.evaluation.inference import features
 from kdray.pipeline import pipeline_stages, run_pipeline
 from kdray.runtime.artifacts import load_bundle
 from kdray.runtime.stage import read_stage_manifest
-from kdray.runtime.storage import Storage
-
-TRAIN = {"epochs": 3, "batch_size": 64, "lr": 0.01}
-
-
-def _config(data, storage, **distill):
-    return config_from_dict({
-        "data": {"source": "parquet", "path": data},
-        "teacher": {"model": {"name": "mlp", "hidden": [32]}, "train": TRAIN},
-        "distill": {"student": {"name": "mlp", "hidden": [8]}, "train": TRAIN, "temperature": 2.0, **distill},
-        "resources": {"cpus_per_worker": 0.5},
-        "storage": {"storage_path": storage, "run_name": "tiny"},
-    })
 
 
 @pytest.fixture(scope="module")
-def finished_run(ray_local, tmp_path_factory):
-    data = str(tmp_path_factory.mktemp("data"))
-    write_blobs(data)
-    storage = str(tmp_path_factory.mktemp("runs"))
-    config = _config(data, storage, bias_correction=True, transfer={"omit_classes": [3]})
-    run = Storage(storage).child("tiny")
-    # An interruption between stages: only the first two ran; the full run must not redo them.
-    first = run_pipeline(pipeline_stages()[:2], config, run, progress=False, log=lambda _: None)
-    full = run_pipeline(pipeline_stages(), config, run, progress=False, log=lambda _: None)
-    return config, run, first, full
+def finished_run(distilled_run):
+    return distilled_run.config, distilled_run.run, distilled_run.first, distilled_run.full
 
 
 def test_stages_ran_once_and_rerun_recomputes_nothing(finished_run):

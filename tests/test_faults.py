@@ -1,10 +1,10 @@
 """The driver of `kdray run` SIGKILLed inside a stage and between stages (issue 6), as real processes.
 
-One sequence on one run directory (kdray.faults.kill_inside_and_between): run 1 is killed inside the
+One sequence on one run directory (fault_harness.kill_inside_and_between): run 1 is killed inside the
 teacher stage once its training run has checkpointed an epoch; run 2 is killed as soon as the
 transfer stage's manifest is written; run 3 finishes. Each re-run must skip the stages that had
 finished, resume the interrupted one from its checkpoint, and the finished run must equal an
-uninterrupted one with the same config and seed (run here, in-process, on the session's Ray). The
+uninterrupted one with the same config and seed (the session's distilled run, in-process). The
 killed drivers' local Rays must go with them. The other faults have their own tests: a killed Ray
 Train worker (test_train), a killed specialist actor (test_specialists), a truncated or corrupt
 shard (test_shards), an unwritable storage path (test_cli).
@@ -22,42 +22,29 @@ from fault_harness import (
     weight_differences,
     without_timing,
 )
-from tiny_data import write_blobs
+from tiny_data import TEACHER_EPOCHS
 
-from kdray.config import load_config
 from kdray.evaluation.evaluate import RESULTS
-from kdray.pipeline import pipeline_stages, run_pipeline
 from kdray.runtime.storage import Storage
 
-TEACHER_EPOCHS = 3  # killed once an epoch's checkpoint is registered: a later one is interrupted
 FINISHED_FIRST = ("data", "teacher", "transfer")  # finished before the second kill
 
 
-def _config(data: str) -> dict:
-    train = {"batch_size": 64, "lr": 0.01}
-    return {
-        "data": {"source": "parquet", "path": data},
-        "teacher": {"model": {"name": "mlp", "hidden": [32]}, "train": {**train, "epochs": TEACHER_EPOCHS}},
-        "distill": {"student": {"name": "mlp", "hidden": [8]}, "train": {**train, "epochs": 1},
-                    "temperature": 2.0, "baseline": False},
-        # local_num_cpus: each killed run's own local Ray takes 2 CPUs, like the session's.
-        # epoch_cache_mb 0: every epoch streams, as on data too big to cache, so the teacher's
-        # epochs take long enough for the first kill to land between two of their checkpoints.
-        "resources": {"cpus_per_worker": 0.5, "local_num_cpus": 2, "epoch_cache_mb": 0},
-    }
-
-
 @pytest.fixture(scope="module")
-def runs(ray_local, tmp_path_factory):
+def runs(distilled_run, tmp_path_factory):
+    """The kill sequence on the session's distilled run's config; that finished run is the
+    uninterrupted one it must equal."""
     root = tmp_path_factory.mktemp("faults")
-    write_blobs(str(root / "data"))
+    # local_num_cpus: each killed run's own local Ray takes 2 CPUs, like the session's.
+    # epoch_cache_mb 0: every epoch streams, as on data too big to cache, so the teacher's epochs
+    # take long enough for the first kill to land between two of their checkpoints. Neither
+    # changes what is computed.
+    raw = {**distilled_run.raw, "resources": {**distilled_run.raw["resources"], "local_num_cpus": 2,
+                                              "epoch_cache_mb": 0}}
     config = root / "config.yaml"
-    config.write_text(yaml.safe_dump(_config(str(root / "data"))))
-    storage = str(root / "runs")
-    sequence = kill_inside_and_between(str(config), storage, "killed", root, timeout=600)
-    clean = load_config(str(config), {"storage": {"storage_path": storage, "run_name": "clean"}})
-    run_pipeline(pipeline_stages(), clean, Storage(storage).child("clean"), progress=False, log=lambda _: None)
-    return sequence, Storage(storage).child("killed"), Storage(storage).child("clean")
+    config.write_text(yaml.safe_dump(raw))
+    sequence = kill_inside_and_between(str(config), str(root / "runs"), "killed", root, timeout=600)
+    return sequence, Storage(str(root / "runs")).child("killed"), distilled_run.run
 
 
 def _context(kill) -> str:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kdray.config import load_config
-from kdray.pipeline import check_config
+from kdray.preflight import check_config
 
 REPO = Path(__file__).resolve().parent.parent
 JOBS = sorted(str(path.relative_to(REPO)) for path in (REPO / "jobs").glob("*.yaml"))

@@ -17,7 +17,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "kdray"
 LAYERS = {
     "kdray.config": 0, "kdray.models": 0, "kdray": 0,
     "kdray.runtime": 1,
-    "kdray.data": 2,
+    "kdray.data": 2, "kdray.preflight": 2,
     "kdray.distill": 3, "kdray.specialists": 3, "kdray.evaluation": 3,
     "kdray.sweep": 4,
     "kdray.pipeline": 5,
@@ -83,4 +83,9 @@ def test_no_import_circle():
 
 
 def test_the_package_ships_no_test_harness():
-    assert not [name for name in MODULES if name.endswith((".faults", ".procfs"))]
+    # Fault injection and /proc reading live in tests/; kdray keeps one hook, an environment
+    # variable read in one module, the only one that ends a process abruptly.
+    assert not [name for name in MODULES if name.endswith((".fault_harness", ".procfs"))]
+    sources = {path.relative_to(PACKAGE).as_posix(): path.read_text() for path in PACKAGE.rglob("*.py")}
+    assert [name for name, text in sources.items() if "os._exit" in text] == ["runtime/faults.py"]
+    assert [name for name, text in sources.items() if "KDRAY_FAIL_AT_EPOCH" in text] == ["runtime/faults.py"]

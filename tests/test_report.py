@@ -15,6 +15,7 @@ from test_sweep import swept_run  # noqa: F401  (the shared tiny run with a swee
 
 from kdray.cli import main
 from kdray.evaluation.report import FIGURES, PAGE, REPORT_DIR, heatmap_matrix, row_normalised
+from kdray.runtime.stage import MANIFEST, REPORT_FIGURES, REPORT_TABLES
 from kdray.runtime.storage import Storage
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -110,11 +111,18 @@ def test_kdray_report_includes_clustering_figure_and_specialists_table(swept_run
     figure.subplots().imshow(np.eye(4))
     figure.savefig(copy / "clustering" / "covariance.png")
     run.write_text("specialist,classes,test error %\n0,c0 c1,12.5\n1,c2 c3,7.5\n", "specialists", "specialists.csv")
+    # The stages offer them in their manifests (run-relative); the report knows no stage's files.
+    offered = {"clustering": {REPORT_FIGURES: {"Covariance": "./clustering/covariance.png"}},
+               "specialists": {REPORT_TABLES: {"Specialists": "./specialists/specialists.csv"},
+                               REPORT_FIGURES: {"Elsewhere": str(tmp_path / "outside.png")}}}
+    figure.savefig(tmp_path / "outside.png")  # outside the run: not copied into its report
+    for stage, outputs in offered.items():
+        run.write_json({"fingerprint": stage, "inputs": {}, "finished_at": "9", "outputs": outputs}, stage, MANIFEST)
     shutil.rmtree(copy / REPORT_DIR)
     assert main(["report", str(copy)]) == 0
     assert f"[kdray] wrote {run.path(REPORT_DIR, PAGE)}" in capsys.readouterr().out
     html = run.read_text(REPORT_DIR, PAGE)
-    assert "<td>c2 c3</td>" in html and "clustering-covariance.png" in html
+    assert "<td>c2 c3</td>" in html and "clustering-covariance.png" in html and "Elsewhere" not in html
     figures = run.child(REPORT_DIR).list(FIGURES)
     assert "clustering-covariance.png" in figures and len(figures) == 7  # the swept run's 6, and this one
     images, broken = _image_check(run.child(REPORT_DIR), tmp_path)

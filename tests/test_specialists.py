@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 import torch
+from fault_harness import failing_at_epoch
 
 from kdray.config import TrainConfig, config_from_dict
 from kdray.data.shards import DatasetManifest, shard_name, shard_table, write_manifest, write_shard
@@ -24,7 +25,6 @@ from kdray.runtime.storage import Storage
 from kdray.runtime.train import LossSpec, make_optimizer, train_epoch
 from kdray.specialists.actors import (
     CHECKPOINT,
-    FAILED_ONCE,
     SHUFFLE_BYTES,
     SpecialistJob,
     coarsen_log_probs,
@@ -269,12 +269,13 @@ def test_a_killed_specialist_resumes_from_its_checkpoint(tiny_run, tmp_path):
     job = specialist_jobs(config, [[1, 5]], index.read_json(INDEX_MANIFEST)["rows"], index.location, generalist,
                           manifests["data"]["outputs"]["dataset"], Storage(str(tmp_path / "out")),
                           Storage(str(tmp_path / "work")))[0]
+    job = dataclasses.replace(job, train=TrainConfig(epochs=2, batch_size=64, lr=0.003))
     # Dies (os._exit) in the middle of its second epoch; Ray restarts the actor and retries train().
-    job = dataclasses.replace(job, train=TrainConfig(epochs=2, batch_size=64, lr=0.003), fail_at_epoch=1)
-    results = train_specialists([job], config.resources, max_concurrent=1)
+    with failing_at_epoch(1):
+        results = train_specialists([job], config.resources, max_concurrent=1)
     work = Storage(job.work).child(job.name)
-    assert work.exists(FAILED_ONCE)  # it did die once
-    assert results[job.name]["resumed_from_epoch"] == 1  # and resumed after the epoch it had checkpointed
+    # A first attempt starts at epoch 0: resuming after epoch 1 means it died there and restarted.
+    assert results[job.name]["resumed_from_epoch"] == 1
     state = torch.load(io.BytesIO(work.read_bytes(CHECKPOINT)), weights_only=True)
     assert state["epoch"] == 1 and len(state["history"]) == 2
     _, spec = load_bundle(Storage(job.output), job.name)

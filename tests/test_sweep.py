@@ -12,13 +12,14 @@ import os
 
 import pytest
 import torch
-from tiny_data import write_blobs
+from tiny_data import copy_run
 
 from kdray.cli import main
 from kdray.config import ConfigError, config_from_dict, config_to_yaml, load_config
 from kdray.data import read_manifest
 from kdray.evaluation.evaluate import RESULTS
 from kdray.pipeline import pipeline_stages, run_pipeline, stages_for
+from kdray.preflight import check_sweep
 from kdray.runtime.artifacts import load_bundle
 from kdray.runtime.stage import read_stage_manifest
 from kdray.runtime.storage import Storage
@@ -30,7 +31,6 @@ from kdray.sweep import (
     TRIALS_JSON,
     TrialSetup,
     best_trial,
-    check_sweep,
     run_tune,
     search_space,
     sweep_spec,
@@ -38,7 +38,6 @@ from kdray.sweep import (
     trial_worker_reservations,
 )
 
-TRAIN = {"epochs": 2, "batch_size": 64, "lr": 0.05}
 # Widths 16 then 1, one at a time: the 1-unit student is far worse when it reaches ASHA's rung at
 # epoch 1, where the 16-unit one already set the bar, so ASHA stops it (deterministically).
 SWEEP = {"enabled": True, "temperatures": [4.0], "hard_weights": [0.1], "widths": [16, 1],
@@ -46,26 +45,16 @@ SWEEP = {"enabled": True, "temperatures": [4.0], "hard_weights": [0.1], "widths"
 _SHARED: dict = {}
 
 
-def _config(data: str, storage: str):
-    return config_from_dict({
-        "data": {"source": "parquet", "path": data},
-        "teacher": {"model": {"name": "mlp", "hidden": [32]}, "train": TRAIN},
-        "distill": {"student": {"name": "mlp", "hidden": [8]}, "train": TRAIN, "baseline": False},
-        "sweep": SWEEP,
-        "resources": {"cpus_per_worker": 0.5, "max_concurrent_trials": 1},
-        "storage": {"storage_path": storage, "run_name": "swept"},
-    })
-
-
 @pytest.fixture(scope="module")
-def swept_run(ray_local, tmp_path_factory):
-    """One tiny run with the sweep enabled (data -> ... -> sweep -> evaluate -> report), built once
-    per session: tests/test_report.py imports this fixture too."""
+def swept_run(distilled_run, tmp_path_factory):
+    """The session's distilled run, copied, with the sweep enabled: only the sweep, evaluate and
+    report run. Built once per session: tests/test_report.py imports this fixture too."""
     if not _SHARED:
-        data = str(tmp_path_factory.mktemp("sweep-data"))
-        write_blobs(data)
-        config = _config(data, str(tmp_path_factory.mktemp("sweep-runs")))
-        run = Storage(config.storage.storage_path).child("swept")
+        storage = str(tmp_path_factory.mktemp("sweep-runs"))
+        run = copy_run(distilled_run.run, storage, "swept")
+        raw = {**distilled_run.raw, "sweep": SWEEP, "storage": {"storage_path": storage, "run_name": "swept"},
+               "resources": {**distilled_run.raw["resources"], "max_concurrent_trials": 1}}
+        config = config_from_dict(raw)
         outcomes = run_pipeline(pipeline_stages(), config, run, progress=False, log=lambda _: None)
         _SHARED.update(config=config, run=run, outcomes={o.name: o.status for o in outcomes})
     return _SHARED
@@ -92,6 +81,7 @@ def _first_report(directory: str) -> dict:
 def test_sweep_runs_trials_under_asha_with_event_files_and_a_table(swept_run):
     run, outcomes = swept_run["run"], swept_run["outcomes"]
     assert outcomes["sweep"] == outcomes["evaluate"] == outcomes["report"] == "ran"
+    assert {outcomes[stage] for stage in ("data", "teacher", "transfer", "student")} == {"skipped"}  # the copy's
     table = run.read_json("sweep", TRIALS_JSON)
     trials = {row["width"]: row for row in table["trials"]}
     assert set(trials) == {16, 1} and table["metric"] == "val_error"
@@ -202,9 +192,9 @@ def test_best_trial_prefers_finished_trials():
 
 def test_check_sweep_names_the_keys():
     with pytest.raises(ConfigError, match="sweep.widths"):
-        check_sweep(config_from_dict({"distill": {"student": {"name": "cnn"}}, "sweep": {"widths": [30]}}))
+        check_sweep(config_from_dict({"distill": {"student": {"name": "cnn"}}, "sweep": {"enabled": True, "widths": [30]}}))
     with pytest.raises(ConfigError, match="use_labels"):
-        check_sweep(config_from_dict({"distill": {"transfer": {"use_labels": False}}}))
+        check_sweep(config_from_dict({"distill": {"transfer": {"use_labels": False}}, "sweep": {"enabled": True}}))
     with pytest.raises(ConfigError, match="grace_period"):
         config_from_dict({"sweep": {"max_epochs": 2, "grace_period": 3}})
 
@@ -215,7 +205,7 @@ def test_temperature_job_config_is_valid_and_sweeps_the_papers_grid():
     assert config.sweep.widths == [30, 100, 300]  # the paper's narrow (30) and wide (>= 300) students
     assert config.sweep.temperatures == [1.0, 2.0, 2.5, 3.0, 4.0, 8.0, 20.0]
     assert config.sweep.hard_weights == [0.0, 0.1, 0.5]
-    check_sweep(config)
+    check_sweep(config)  # enabled, so it checks
 
 
 def test_sweep_command_runs_only_what_the_sweep_needs():

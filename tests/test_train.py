@@ -2,10 +2,10 @@
 
 import json
 import os
-from dataclasses import replace
 
 import pytest
 import torch
+from fault_harness import failing_at_epoch, read_events, train_event_recorder
 from tiny_data import write_blobs
 
 from kdray.config import ResourcesConfig, TrainConfig
@@ -47,27 +47,16 @@ def _fit(blobs, spec, workers, storage, name, callbacks=None):
 
 
 def test_ddp_two_workers_survive_a_killed_worker(ray_local, blobs, tmp_path):
-    result = _fit(blobs, replace(SPEC, fail_at_epoch=1), 2, str(tmp_path), "ddp")
+    events = str(tmp_path / "events.jsonl")
+    with failing_at_epoch(1):  # rank 0 dies in the middle of epoch 2
+        result = _fit(blobs, SPEC, 2, str(tmp_path), "ddp", callbacks=[train_event_recorder(events)])
+    failures = [event["ranks"] for event in read_events(events) if event["event"] == "failure"]
+    assert len(failures) == 1 and 0 in failures[0]  # one failure: rank 0 died (rank 1 lost its peer)
     assert [h["epoch"] for h in result.history] == [1, 2, 3]  # epoch 2 re-ran after the kill, once
     assert result.history[-1]["val_error"] < 0.25  # 4 separable blobs: far below chance (0.75)
     assert result.history[-1]["rows"] == 400  # each of 2 DDP workers sees half of the 800 rows
     checkpoints = [p for p in (tmp_path / "ddp").iterdir() if p.is_dir() and p.name.startswith("checkpoint_")]
     assert 1 <= len(checkpoints) <= 2  # CheckpointConfig(num_to_keep=2)
-
-
-def test_resumed_run_equals_uninterrupted_run(ray_local, blobs, tmp_path):
-    # One worker: Ray Data's streaming split hands blocks to DDP workers as they ask, so only a
-    # single worker's batch order (preserve_order + seeded local shuffle) is exactly repeatable.
-    clean = _fit(blobs, SPEC, 1, str(tmp_path), "clean")
-    faulty = _fit(blobs, replace(SPEC, fail_at_epoch=1), 1, str(tmp_path), "faulty")
-    assert [h["val_error"] for h in faulty.history] == [h["val_error"] for h in clean.history]
-    for name, tensor in clean.state_dict.items():
-        assert torch.equal(tensor, faulty.state_dict[name]), name
-    # Re-running a finished run (the driver died after training, say) restores, not retrains.
-    again = _fit(blobs, SPEC, 1, str(tmp_path), "clean")
-    assert again.history == clean.history
-    for name, tensor in clean.state_dict.items():
-        assert torch.equal(tensor, again.state_dict[name]), name
 
 
 def _controller_poll_recorder(path: str):
@@ -83,13 +72,38 @@ def _controller_poll_recorder(path: str):
     return RecordPoll()
 
 
-def test_runs_poll_their_workers_every_train_poll_s_unless_the_environment_says(ray_local, blobs, tmp_path,
-                                                                                monkeypatch):
-    # The session's Ray was started without the variable, so only kdray can have set it.
-    monkeypatch.delenv(TRAIN_POLL_ENV, raising=False)
-    seen = str(tmp_path / "poll.json")
-    one_epoch = replace(SPEC, train=SPEC.train.model_copy(update={"epochs": 1}))
-    _fit(blobs, one_epoch, 1, str(tmp_path), "poll", callbacks=[_controller_poll_recorder(seen)])
+@pytest.fixture(scope="module")
+def clean(ray_local, blobs, tmp_path_factory):
+    """One uninterrupted single-worker run, started with the poll variable unset (the session's Ray
+    was started without it, so only kdray can set it); its controller records the poll it saw."""
+    storage = tmp_path_factory.mktemp("clean")
+    seen = storage / "poll.json"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(TRAIN_POLL_ENV, raising=False)
+        result = _fit(blobs, SPEC, 1, str(storage), "clean", callbacks=[_controller_poll_recorder(str(seen))])
+    return result, storage, seen
+
+
+def test_resumed_run_equals_uninterrupted_run(clean, blobs, tmp_path):
+    # One worker: Ray Data's streaming split hands blocks to DDP workers as they ask, so only a
+    # single worker's batch order (preserve_order + seeded local shuffle) is exactly repeatable.
+    clean, storage, _ = clean
+    events = str(tmp_path / "events.jsonl")
+    with failing_at_epoch(1):
+        faulty = _fit(blobs, SPEC, 1, str(tmp_path), "faulty", callbacks=[train_event_recorder(events)])
+    assert [event["event"] for event in read_events(events)] == ["report", "failure", "report", "report"]
+    assert [h["val_error"] for h in faulty.history] == [h["val_error"] for h in clean.history]
+    for name, tensor in clean.state_dict.items():
+        assert torch.equal(tensor, faulty.state_dict[name]), name
+    # Re-running a finished run (the driver died after training, say) restores, not retrains.
+    again = _fit(blobs, SPEC, 1, str(storage), "clean")
+    assert again.history == clean.history
+    for name, tensor in clean.state_dict.items():
+        assert torch.equal(tensor, again.state_dict[name]), name
+
+
+def test_runs_poll_their_workers_every_train_poll_s_unless_the_environment_says(clean, monkeypatch):
+    _, _, seen = clean
     with open(seen) as recorded:
         assert json.load(recorded) == str(TRAIN_POLL_S)
     monkeypatch.setenv(TRAIN_POLL_ENV, "1.5")  # a user's own setting wins

@@ -13,7 +13,7 @@ from kdray.data.shards import DatasetManifest, shard_name, shard_table, write_ma
 from kdray.distill.student import BASELINE, _training_rows, baseline_spec, student_loss, student_spec
 from kdray.distill.transfer import jittered_copies, mixed_copies, mixup_partners, transfer_rows
 from kdray.evaluation.inference import features
-from kdray.pipeline import check_config
+from kdray.preflight import check_config
 from kdray.runtime.storage import Storage
 
 SHAPE = (1, 6, 6)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import numpy as np
 
 from kdray.data.shards import DatasetManifest, shard_name, shard_table, write_manifest, write_shard
@@ -25,3 +28,30 @@ def write_blobs(location: str, classes: int = 4, dim: int = 6, rows: tuple[int, 
                                class_names=tuple(f"c{c}" for c in range(classes)))
     write_manifest(storage, manifest)
     return manifest
+
+
+# ------------------------------------------------------------------------------------ the shared run
+TEACHER_EPOCHS = 3  # enough for a driver kill to land between two of the teacher's checkpoints
+
+
+def tiny_run_config(data: str, storage: str, run_name: str = "tiny") -> dict:
+    """The suite's one small distillation run (conftest's `distilled_run`) on `write_blobs` data:
+    every distillation stage with a baseline, a bias correction and an omitted class. The pipeline,
+    sweep, report and driver-fault tests all read it, or copy it and add to it, instead of each
+    training its own teacher and student."""
+    return {
+        "data": {"source": "parquet", "path": data},
+        "teacher": {"model": {"name": "mlp", "hidden": [32]},
+                    "train": {"epochs": TEACHER_EPOCHS, "batch_size": 64, "lr": 0.01}},
+        "distill": {"student": {"name": "mlp", "hidden": [8]}, "train": {"epochs": 2, "batch_size": 64, "lr": 0.05},
+                    "temperature": 2.0, "bias_correction": True, "transfer": {"omit_classes": [3]}},
+        "resources": {"cpus_per_worker": 0.5},
+        "storage": {"storage_path": storage, "run_name": run_name},
+    }
+
+
+def copy_run(run: Storage, storage: str, run_name: str) -> Storage:
+    """A copy of the finished run `run` as STORAGE/RUN_NAME (its manifests name its own files
+    relative to it, so the copy reads its own)."""
+    shutil.copytree(run.location, os.path.join(storage, run_name))
+    return Storage(storage).child(run_name)

@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+# Seeds of the models trained side by side (ensemble members, specialists) lie this far apart, so
+# their initial weights and data orders share nothing for any number of epochs below it.
+MODEL_SEED_STRIDE = 1009
+
+
+def model_seed(base: int, index: int) -> int:
+    """The training seed of the `index`-th of several models trained from one config seed `base`."""
+    return base + MODEL_SEED_STRIDE * index
+
 
 def seed_entropy(seed: int) -> int:
     """A config seed as NumPy seeding takes it: SeedSequence refuses negative integers, and this

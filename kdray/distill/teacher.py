@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from kdray.config import Config
 from kdray.data import read_manifest, read_split, sample_rows
+from kdray.data.sampling import model_seed
 from kdray.runtime.artifacts import ModelSpec
 from kdray.runtime.progress import EpochProgress, train_in_tasks
 from kdray.runtime.stage import StageContext, StageResult
 from kdray.runtime.storage import Storage
 from kdray.runtime.train import FitSpec, LossSpec, concurrent_fits, final_metrics, fit_and_save
-
-MEMBER_SEED_STRIDE = 1009  # members' seeds far apart, so their data orders share nothing
 
 
 def member_name(index: int) -> str:
@@ -25,7 +24,7 @@ def member_name(index: int) -> str:
 
 def member_spec(config: Config, input_shape: tuple[int, ...], num_classes: int, index: int) -> FitSpec:
     teacher = config.teacher
-    train = teacher.train.model_copy(update={"seed": teacher.train.seed + MEMBER_SEED_STRIDE * index})
+    train = teacher.train.model_copy(update={"seed": model_seed(teacher.train.seed, index)})
     model = ModelSpec(teacher.model.name, teacher.model.options, tuple(input_shape), num_classes)
     return FitSpec(model=model, train=train, loss=LossSpec("hard"))
 

@@ -29,6 +29,7 @@ from kdray.data.shards import DatasetError, DatasetManifest, read_manifest, read
 from kdray.distill.losses import ensemble_logits
 from kdray.evaluation.inference import ModelRef, features, fixed_size_list
 from kdray.evaluation.metrics import N_BINS, ClassificationStats, defined_or_none, gain_kept, gap_recovered
+from kdray.formatting import number, percent, rounded
 from kdray.runtime.artifacts import check_bundle, load_bundle, load_spec
 from kdray.runtime.stage import MANIFEST, StageContext, StageResult, read_stage_manifest
 from kdray.runtime.storage import Storage
@@ -393,15 +394,11 @@ def omitted_class_errors(test: Mapping[str, dict[str, Any]], omitted: Sequence[i
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     """The stage summary: student, teacher and baseline test error and the derived figures."""
     models = results["models"]
-    summary = {f"{name}_test_error": _rounded(models[name]["test"]["error_rate"], 5)
+    summary = {f"{name}_test_error": rounded(models[name]["test"]["error_rate"], 5)
                for name in (STUDENT, TEACHER, BASELINE) if name in models}
-    summary.update({name: _rounded(value, 4) for name, value in results["derived"].items()})
+    summary.update({name: rounded(value, 4) for name, value in results["derived"].items()})
     summary["models"] = len(models)
     return summary
-
-
-def _rounded(value: float | None, digits: int) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 def run_evaluate(context: StageContext) -> StageResult:
@@ -436,8 +433,8 @@ def format_results_table(results: dict[str, Any]) -> str:
         test, validation = value["test"], value.get("validation")
         errors = f"{test['errors']}/{test['rows']}"
         val_error = validation["error_rate"] if validation else None
-        lines.append(f"{name:<{width}}{errors:>15}{_percent(test['error_rate']):>9}{_number(test['nll']):>9}"
-                     f"{_number(test['ece']):>8}{_percent(val_error):>13}")
+        lines.append(f"{name:<{width}}{errors:>15}{percent(test['error_rate']):>9}{number(test['nll']):>9}"
+                     f"{number(test['ece']):>8}{percent(val_error):>13}")
     explanations = {
         "gap_recovered": "(baseline - student) / (baseline - teacher), test errors",
         "ensemble_gain_kept": "(student - mean member) / (teacher - mean member), test accuracy",
@@ -446,7 +443,7 @@ def format_results_table(results: dict[str, Any]) -> str:
     if derived:
         lines.append("")
     for name, value in derived.items():
-        lines.append(f"{name.replace('_', ' '):<20}{_number(value, 3):>7}   {explanations.get(name, '')}".rstrip())
+        lines.append(f"{name.replace('_', ' '):<20}{number(value, 3):>7}   {explanations.get(name, '')}".rstrip())
     if "omitted_classes" in results:
         lines.extend(["", *_omitted_lines(results["omitted_classes"], results.get("class_names") or [])])
     return "\n".join(lines)
@@ -461,9 +458,3 @@ def _omitted_lines(omitted: dict[str, Any], class_names: Sequence[str]) -> list[
     return lines
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
-def _number(value: float | None, digits: int = 4) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"

@@ -7,9 +7,10 @@ Everything is drawn from the files a run left, so a report can be rebuilt withou
 - the results table and the test confusion matrices: ``results.json`` (the evaluate stage);
 - learning curves: the ``history.json`` next to every published single-bundle model
   (``teacher/member-NN/``, ``student/student/``, ``student/baseline/``, ``sweep/best/``);
-- the sweep's heatmaps and trials table: ``sweep/trials.json``;
-- when the clustering and specialists stages ran: ``clustering/covariance.png`` and
-  ``specialists/specialists.csv`` (EXTRA_FIGURES, EXTRA_TABLES), copied or tabulated as they are.
+- the sweep's heatmaps and trials table: the trials file its manifest names (outputs "trials");
+- any stage's own figures and tables (the clustering's covariance plot, the specialists' table):
+  the PNG and CSV files its manifest offers (outputs REPORT_FIGURES, REPORT_TABLES), copied or
+  tabulated as they are, under the stage's name.
 
 Figures use matplotlib's object API (`matplotlib.figure.Figure`, rendered by Agg), never pyplot, so
 no global backend or state is touched.
@@ -27,18 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from kdray.runtime.stage import StageContext, StageResult
+from kdray.formatting import percent
+from kdray.runtime.stage import REPORT_FIGURES, REPORT_TABLES, StageContext, StageResult
 from kdray.runtime.storage import Storage
 
 REPORT_DIR = "report"
 PAGE = "index.html"
 FIGURES = "figures"
 HISTORY = "history.json"
-TRIALS = "sweep/trials.json"
 CONFUSION_MODELS = ("teacher", "student", "student-swept")
-EXTRA_FIGURES = {"clustering/covariance.png": "Covariance of the generalist's predicted class probabilities, "
-                                              "ordered by specialist subset"}
-EXTRA_TABLES = {"specialists/specialists.csv": "Specialists"}
 HEATMAPS = (("width", "temperature"), ("hard_weight", "temperature"))  # (rows, columns)
 LABELS = {"temperature": "temperature T", "hard_weight": "hard-target weight", "width": "hidden width (2 layers)"}
 
@@ -177,10 +175,6 @@ def _text(cell: Any) -> str:
     return str(cell)
 
 
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
-
-
 def _image(path: str, caption: str) -> str:
     return (f'<figure><img src="{html.escape(path)}" alt="{html.escape(caption)}">'
             f"<figcaption>{html.escape(caption)}</figcaption></figure>")
@@ -190,8 +184,8 @@ def _results_section(results: dict[str, Any]) -> str:
     rows = []
     for name, value in results["models"].items():
         test, validation = value["test"], value.get("validation") or {}
-        rows.append([name, value.get("stage"), f"{test['errors']}/{test['rows']}", _percent(test["error_rate"]),
-                     test["nll"], test["ece"], _percent(validation.get("error_rate"))])
+        rows.append([name, value.get("stage"), f"{test['errors']}/{test['rows']}", percent(test["error_rate"]),
+                     test["nll"], test["ece"], percent(validation.get("error_rate"))])
     parts = ["<h2>Results (test split)</h2>",
              _table(["model", "stage", "test errors", "error %", "NLL", "ECE", "val error %"], rows)]
     derived = results.get("derived") or {}
@@ -250,18 +244,24 @@ def _sweep_section(table: dict[str, Any], output: Storage) -> str:
     return "\n".join(parts)
 
 
-def _extras_section(run: Storage, output: Storage) -> str:
+def _offered_section(stage: str, outputs: dict[str, Any], run: Storage, output: Storage) -> str:
+    """The figures and tables `stage` offers the report, those inside the run only."""
     parts = []
-    for source, caption in EXTRA_FIGURES.items():
-        if run.exists(source):
-            name = source.replace("/", "-")
-            output.write_bytes(run.read_bytes(source), FIGURES, name)
-            parts.append(_image(f"{FIGURES}/{name}", caption))
-    for source, caption in EXTRA_TABLES.items():
-        if run.exists(source):
-            header, *rows = list(csv.reader(io.StringIO(run.read_text(source))))
-            parts.append(f"<h3>{html.escape(caption)}</h3>\n" + _table(header, rows))
-    return "<h2>Specialists</h2>\n" + "\n".join(parts) if parts else ""
+    for caption, location in _inside(run, outputs.get(REPORT_FIGURES)):
+        name = f"{stage}-{posixpath.basename(location)}"
+        output.write_bytes(Storage(location).read_bytes(), FIGURES, name)
+        parts.append(_image(f"{FIGURES}/{name}", caption))
+    for caption, location in _inside(run, outputs.get(REPORT_TABLES)):
+        header, *rows = list(csv.reader(io.StringIO(Storage(location).read_text())))
+        parts.append(f"<h3>{html.escape(caption)}</h3>\n" + _table(header, rows))
+    return f"<h2>{html.escape(stage.capitalize())}</h2>\n" + "\n".join(parts) if parts else ""
+
+
+def _inside(run: Storage, offered: Any) -> list[tuple[str, str]]:
+    if not isinstance(offered, dict):
+        return []
+    return [(str(caption), location) for caption, location in offered.items()
+            if isinstance(location, str) and run.contains(Storage(location)) and Storage(location).exists()]
 
 
 STYLE = """body{font-family:sans-serif;margin:2em;max-width:75em;color:#222}
@@ -291,9 +291,11 @@ def write_report(run: Storage, output: Storage | None = None) -> str:
         sections.append("<h2>Learning curves</h2>\n" + _image(path, "Per epoch, from each model's history.json"))
     if results:
         sections.append(_confusion_section(results, output))
-    if run.exists(TRIALS):
-        sections.append(_sweep_section(run.read_json(TRIALS), output))
-    sections.append(_extras_section(run, output))
+    trials = manifests.get("sweep", {}).get("outputs", {}).get("trials")
+    if isinstance(trials, str) and run.contains(Storage(trials)) and Storage(trials).exists():
+        sections.append(_sweep_section(Storage(trials).read_json(), output))
+    sections += [_offered_section(stage, manifest["outputs"], run, output) for stage, manifest in manifests.items()
+                 if isinstance(manifest.get("outputs"), dict)]
     if run.exists("config.yaml"):
         sections.append(f"<details><summary>Resolved config</summary><pre>{html.escape(run.read_text('config.yaml'))}"
                         "</pre></details>")

@@ -123,10 +123,11 @@ def train_in_tasks(train: Callable[..., Any], arguments: dict[str, tuple], max_i
     in the order of `arguments` (see kdray.runtime.session.run_bounded)."""
     import ray
 
+    from kdray.runtime.faults import forwarded_env
     from kdray.runtime.session import run_bounded
 
     # A launching task only waits on its trainer: it holds no CPU the workers need.
-    launch = ray.remote(num_cpus=0)(train).remote
+    launch = ray.remote(num_cpus=0, runtime_env=forwarded_env())(train).remote
     callbacks = bar.callbacks()
     return run_bounded([partial(launch, *args, callbacks) for args in arguments.values()], max_in_flight,
                        on_wait=bar.refresh)

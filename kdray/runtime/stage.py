@@ -20,6 +20,9 @@ RUN_MARKER = "kdray-run.json"  # marks a directory as a kdray run: the only kind
 # Manifests name the run's own files relative to the run directory, so a copied or moved run reads
 # its own files; locations outside the run (a user's dataset) stay as given.
 RUN_RELATIVE = "./"
+# Keys of a stage's outputs naming what it offers the run's report, {caption: location}: PNG figures
+# and CSV tables. The report shows them under the stage's name without knowing its files.
+REPORT_FIGURES, REPORT_TABLES = "report_figures", "report_tables"
 
 
 @dataclass(frozen=True)

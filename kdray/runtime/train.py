@@ -25,6 +25,7 @@ from kdray.config import ResourcesConfig, TrainConfig
 from kdray.distill.losses import distillation_loss, expand_topk_logits, hard_target_loss
 from kdray.models import apply_max_norm
 from kdray.runtime.artifacts import ModelSpec, unwrap
+from kdray.runtime.faults import dying_at_fault, forwarded_env
 
 CHECKPOINT_FILE = "state.pt"
 TEACHER_LOGITS = "t"  # full teacher logits [C]
@@ -99,7 +100,6 @@ class FitSpec:
     model: ModelSpec
     train: TrainConfig
     loss: LossSpec = LossSpec()
-    fail_at_epoch: int | None = None  # fault injection: kill rank 0 once, mid-epoch, in this epoch
     init_weights: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
@@ -296,18 +296,6 @@ def _report(metrics: dict, model, optimizer, schedule, epoch: int, history: list
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def _maybe_fail(spec: FitSpec, epoch: int, rank: int, resumed: bool, batch_index: int) -> None:
-    # Fault injection for tests: the first attempt's rank 0 dies abruptly in the middle of the
-    # epoch, as a preempted or OOM-killed worker would. A resumed attempt never fails again.
-    if spec.fail_at_epoch == epoch and rank == 0 and not resumed and batch_index == 1:
-        # The controller collects reports (and so commits checkpoints) when it polls the workers
-        # (see TRAIN_POLL_ENV); a worker dying sooner after its report loses that checkpoint. Wait
-        # out two polls so the fault tests resume from the previous epoch's checkpoint,
-        # deterministically, however fast the epochs run.
-        time.sleep(2 * float(os.environ.get(TRAIN_POLL_ENV, "2")) + 0.5)
-        os._exit(17)
-
-
 def train_worker(loop_config: dict[str, Any]) -> None:
     """The per-worker function TorchTrainer runs.
 
@@ -342,7 +330,9 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         window = window_rows(spec.train.batch_size, row_bytes(spec.model))
         windows = train_cache.epoch(lambda: stream_tensors(train_shard, window, device))
         generator = torch.Generator(device=device).manual_seed(spec.train.seed * 1000 + epoch)
-        batches = _with_fault(shuffle_window(windows, spec.train.batch_size, generator), spec, epoch, rank, resumed)
+        batches = shuffle_window(windows, spec.train.batch_size, generator)
+        if rank == 0:
+            batches = dying_at_fault(batches, epoch, first_attempt=not resumed, settle_s=_checkpoint_settle_s())
         metrics = train_epoch(model, optimizer, batches, spec.loss, spec.train, spec.model.num_outputs)
         schedule.step()
         seconds = time.perf_counter() - started
@@ -356,18 +346,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         _report(metrics, model, optimizer, schedule, epoch, history)
 
 
-def _with_fault(batches, spec: FitSpec, epoch: int, rank: int, resumed: bool):
-    for index, batch in enumerate(batches):
-        _maybe_fail(spec, epoch, rank, resumed, index)
-        yield batch
-
-
 # ------------------------------------------------------------------------------------ the driver
 @dataclass(frozen=True)
 class FitResult:
     state_dict: dict[str, torch.Tensor]
     history: list[dict[str, float]]
     metrics: dict[str, Any]
+
+
+def _checkpoint_settle_s() -> float:
+    # The controller commits a checkpoint when it polls the workers (see TRAIN_POLL_ENV): a worker
+    # dying sooner after its report loses it. Two polls make the resumed epoch deterministic.
+    return 2 * float(os.environ.get(TRAIN_POLL_ENV, "2")) + 0.5
 
 
 def poll_workers_often() -> None:
@@ -438,7 +428,7 @@ def fit(spec: FitSpec, datasets: dict[str, Any], resources: ResourcesConfig, sto
         run_config=RunConfig(name=name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=resources.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             callbacks=callbacks or []),
+                             callbacks=callbacks or [], worker_runtime_env=forwarded_env()),
     )
     result = _fit_keeping_sigint_handler(trainer)
     if result.checkpoint is None:

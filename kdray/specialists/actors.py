@@ -39,19 +39,20 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from kdray.config import Config, ResourcesConfig, TrainConfig
+from kdray.data.sampling import model_seed
 from kdray.data.shards import read_parquet
 from kdray.distill.losses import MIN_LOG_MASS, ensemble_logits
 from kdray.evaluation.inference import ModelRef
 from kdray.models import replace_head
 from kdray.runtime.artifacts import BiasedLogits, ModelSpec, load_bundle, load_spec, save_bundle
+from kdray.runtime.faults import dying_at_fault, forwarded_env
 from kdray.runtime.session import runs_that_fit, unwrap_remote_error
 from kdray.runtime.storage import Storage
 from kdray.runtime.train import (
@@ -64,11 +65,10 @@ from kdray.runtime.train import (
 )
 from kdray.specialists.clustering import INDEX_MANIFEST
 
-CHECKPOINT, HISTORY, FAILED_ONCE = "state.pt", "history.json", "failed-once"
+CHECKPOINT, HISTORY = "state.pt", "history.json"
 MAX_RESTARTS = 3
 READ_CPUS = 0.25  # each Ray Data read task inside a specialist
 SHUFFLE_BYTES = 64 * 2**20  # a specialist's local shuffle buffer, at most
-SEED_STRIDE = 1009
 
 
 def shuffle_buffer_rows(epoch_rows: int, row_bytes: int, batch_size: int) -> int:
@@ -164,7 +164,6 @@ class SpecialistJob:
     temperature: float
     output: str  # bundles go to output/NAME
     work: str  # checkpoints go to work/NAME
-    fail_at_epoch: int | None = field(default=None, compare=False)  # fault injection, tests only
 
     @property
     def num_classes(self) -> int:
@@ -266,7 +265,7 @@ class SpecialistTrainer:
         return {"x": torch.cat(xs), "y": torch.cat(ys)} if xs else None
 
     def _seed(self, epoch: int) -> int:
-        return self.job.train.seed + SEED_STRIDE * self.job.seed_index + epoch
+        return model_seed(self.job.train.seed, self.job.seed_index) + epoch
 
     # -------------------------------------------------------------- training
     def train(self) -> dict:
@@ -287,7 +286,7 @@ class SpecialistTrainer:
         for epoch in range(start, job.train.epochs):
             torch.manual_seed(self._seed(epoch))
             started = time.perf_counter()
-            metrics = train_epoch(model, optimizer, self._with_fault(self.batches(epoch), epoch, work),
+            metrics = train_epoch(model, optimizer, dying_at_fault(self.batches(epoch), epoch, first_attempt=start == 0),
                                   job.loss(), job.train, num_outputs)
             schedule.step()
             metrics.update(self._validate(model), epoch=epoch + 1, seconds=time.perf_counter() - started)
@@ -304,14 +303,6 @@ class SpecialistTrainer:
             return {}
         corrected = BiasedLogits(model, tuple([0.0] * len(self.job.classes) + [self.dustbin_bias])).to(self.device)
         return evaluation_metrics(evaluate_batches(corrected, [self.validation]))
-
-    def _with_fault(self, batches, epoch: int, work: Storage):
-        # Fault injection for tests: die abruptly, once, at the second batch of `fail_at_epoch`.
-        for index, batch in enumerate(batches):
-            if self.job.fail_at_epoch == epoch and index == 1 and not work.exists(FAILED_ONCE):
-                work.write_text("1", FAILED_ONCE)
-                os._exit(17)
-            yield batch
 
     def _save(self, model: nn.Module, history: list[dict], start: int) -> dict:
         job, output = self.job, Storage(self.job.output)
@@ -365,7 +356,7 @@ def train_specialists(jobs: list[SpecialistJob], resources: ResourcesConfig, max
     todo = [job for job in jobs if job.name not in results]
     gpus = resources.specialist_gpus if use_gpu(resources) else 0
     actor_class = ray.remote(num_cpus=resources.specialist_cpus, num_gpus=gpus, max_restarts=MAX_RESTARTS,
-                             max_task_retries=MAX_RESTARTS)(SpecialistTrainer)
+                             max_task_retries=MAX_RESTARTS, runtime_env=forwarded_env())(SpecialistTrainer)
     width = concurrent_specialists(resources, gpus, max_concurrent)
     pending: dict = {}
     with tqdm(total=len(jobs), initial=len(results), desc="specialists", unit="specialist", disable=not progress) as bar:

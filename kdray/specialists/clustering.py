@@ -40,12 +40,15 @@ from kdray.data import (
 from kdray.data.shards import DatasetManifest
 from kdray.evaluation.inference import ModelRef, features, map_logits
 from kdray.evaluation.metrics import log_softmax
+from kdray.preflight import check_clustering
 from kdray.runtime.session import gather
-from kdray.runtime.stage import StageContext, StageResult
+from kdray.runtime.stage import REPORT_FIGURES, StageContext, StageResult
 from kdray.runtime.storage import Storage
+from kdray.specialists.combine import membership_matrix
 from kdray.specialists.covariance import CovarianceAccumulator
 
 SUBSETS, COVARIANCE, COVARIANCE_PLOT, CLASS_INDEX = "subsets.json", "covariance.npy", "covariance.png", "class_index"
+COVARIANCE_CAPTION = "Covariance of the generalist's predicted class probabilities, ordered by specialist subset"
 INDEX_MANIFEST = "index.json"
 INDEX_SEED = 0x5EC1A1  # seeds the per-row hash u that orders every class file
 ROW_GROUPS_PER_CLASS = 32  # a class file's row groups: the granularity of prefix sampling
@@ -64,10 +67,7 @@ class ClassSubsets:
 
     def membership(self) -> np.ndarray:
         """[K, C] bool: True iff class c is in subset k."""
-        member = np.zeros((len(self.subsets), len(self.assignment)), dtype=bool)
-        for k, classes in enumerate(self.subsets):
-            member[k, list(classes)] = True
-        return member
+        return membership_matrix(self.subsets, len(self.assignment)).numpy()
 
     def to_json(self) -> dict:
         return {"subsets": [list(s) for s in self.subsets], "assignment": self.assignment.tolist(),
@@ -221,27 +221,12 @@ def overlapping_subsets(distances: np.ndarray, assignment: np.ndarray, membershi
     return tuple(tuple(sorted(s)) for s in subsets)
 
 
-def check_clustering_config(config: ClusteringConfig, num_classes: int) -> None:
-    """ValueError naming the clustering.* key when the bounds cannot be met for `num_classes`."""
-    k = config.num_specialists
-    if k > num_classes:
-        raise ValueError(f"clustering.num_specialists ({k}) exceeds the dataset's {num_classes} classes")
-    if k * config.min_size > num_classes:
-        raise ValueError(f"clustering.min_size ({config.min_size}) x num_specialists ({k}) exceeds the "
-                         f"{num_classes} classes: lower min_size or num_specialists")
-    if config.max_size is not None and k * config.max_size < num_classes:
-        raise ValueError(f"clustering.max_size ({config.max_size}) x num_specialists ({k}) cannot hold the "
-                         f"{num_classes} classes: raise max_size or num_specialists")
-    if config.memberships > k:
-        raise ValueError(f"clustering.memberships ({config.memberships}) exceeds num_specialists ({k})")
-
-
 def assign_specialist_subsets(covariance: np.ndarray, config: ClusteringConfig) -> ClassSubsets:
     """Cluster the columns of covariance [C, C] into config.num_specialists subsets (see above)."""
     covariance = np.asarray(covariance, dtype=np.float64)
     if covariance.ndim != 2 or covariance.shape[0] != covariance.shape[1]:
         raise ValueError(f"covariance must be a square [C, C] matrix, got shape {list(covariance.shape)}")
-    check_clustering_config(config, len(covariance))
+    check_clustering(config, len(covariance))
     points = column_features(covariance)
     centroids = online_kmeans(points, config.num_specialists, config.batch_size, config.epochs,
                               config.restarts, config.seed)
@@ -373,7 +358,6 @@ def run_clustering(context: StageContext) -> StageResult:
     dataset = context.input_output("data", "dataset")
     storage = Storage(dataset)
     manifest = read_manifest(storage)
-    check_clustering_config(config, manifest.num_classes)
     generalist = context.model_ref("teacher", "teacher")
     covariance, rows = prediction_covariance(generalist, storage, manifest)
     pending = _assign_task.remote(ray.put(covariance), config)
@@ -396,4 +380,5 @@ def run_clustering(context: StageContext) -> StageResult:
                "covariance_rows": rows}
     return StageResult(outputs={"clustering": output.uri(), "subsets": output.uri(SUBSETS),
                                 "class_index": output.uri(CLASS_INDEX),
-                                "covariance": output.uri(COVARIANCE)}, summary=summary)
+                                "covariance": output.uri(COVARIANCE),
+                                REPORT_FIGURES: {COVARIANCE_CAPTION: output.uri(COVARIANCE_PLOT)}}, summary=summary)

@@ -37,7 +37,19 @@ objective); the functions do not check values, only shapes and dtypes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+
+
+def membership_matrix(subsets: Sequence[Sequence[int] | torch.Tensor], num_classes: int,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+    """[M, C] bool: True iff class c is in subset m."""
+    membership = torch.zeros(len(subsets), num_classes, dtype=torch.bool, device=device)
+    for m, classes in enumerate(subsets):
+        index = classes if isinstance(classes, torch.Tensor) else torch.tensor(list(classes), dtype=torch.int64)
+        membership[m, index.to(membership.device)] = True
+    return membership
 
 
 # ------------------------------------------------------------------------------------ checks

@@ -33,7 +33,7 @@ from kdray.evaluation.inference import LogitsPredictor, ModelRef, features, fixe
 from kdray.runtime.artifacts import ModelSpec, load_bundle, load_spec, save_bundle
 from kdray.runtime.stage import StageContext
 from kdray.runtime.storage import Storage
-from kdray.specialists.combine import combine, select_active_specialists
+from kdray.specialists.combine import combine, membership_matrix, select_active_specialists
 
 COMBINED, DISTILLED = "generalist+specialists", "specialists-distilled"
 TRANSFER_DIR, TRANSFER_DONE = "transfer", "transfer.json"
@@ -74,9 +74,7 @@ class SpecialistCombiner:
             self.specialists.append(net)
             self.classes.append(torch.tensor(spec.extra["classes"], dtype=torch.int64, device=self.device))
         num_classes = load_spec(generalist, model.generalist.bundles[0]).num_outputs
-        self.membership = torch.zeros(len(self.specialists), num_classes, dtype=torch.bool, device=self.device)
-        for m, classes in enumerate(self.classes):
-            self.membership[m, classes] = True
+        self.membership = membership_matrix(self.classes, num_classes, self.device)
         self.top_n, self.output_column, self.diagnostics = model.top_n, output_column, diagnostics
         self.extra = {column: LogitsPredictor(ref, column) for column, ref in (extra or {}).items()}
 

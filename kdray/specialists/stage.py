@@ -3,12 +3,12 @@ then score the combination on the test split and, if asked, distil it back into 
 
 from __future__ import annotations
 
-from kdray.runtime.stage import StageContext, StageResult
+from kdray.runtime.stage import REPORT_TABLES, StageContext, StageResult
 from kdray.runtime.storage import Storage
 from kdray.specialists.actors import specialist_jobs, train_specialists
 from kdray.specialists.clustering import CLASS_INDEX, INDEX_MANIFEST, SUBSETS
 from kdray.specialists.combined import COMBINED, DISTILLED, distill_back
-from kdray.specialists.tables import TABLES, table_summary, write_tables
+from kdray.specialists.tables import TABLES, TABLES_CSV, table_summary, write_tables
 
 
 def run_specialists(context: StageContext) -> StageResult:
@@ -32,4 +32,5 @@ def run_specialists(context: StageContext) -> StageResult:
         models[DISTILLED] = distill_back(context, combined, dataset)
     tables = write_tables(context, models, dataset, subsets["subsets"])
     summary.update(table_summary(tables))
-    return StageResult(outputs={"models": models, "tables": output.uri(TABLES)}, summary=summary)
+    return StageResult(outputs={"models": models, "tables": output.uri(TABLES),
+                                REPORT_TABLES: {"Specialists": output.uri(TABLES_CSV)}}, summary=summary)

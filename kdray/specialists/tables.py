@@ -13,9 +13,11 @@ import pyarrow as pa
 from kdray.data import read_manifest, read_split
 from kdray.evaluation.inference import features, fixed_size_list
 from kdray.evaluation.metrics import defined_or_none, gain_kept
+from kdray.formatting import percent, rounded
 from kdray.runtime.artifacts import ModelRef
 from kdray.runtime.stage import StageContext
 from kdray.runtime.storage import Storage
+from kdray.specialists.combine import membership_matrix
 from kdray.specialists.combined import (
     ACTIVE_COLUMN,
     COMBINED,
@@ -99,9 +101,7 @@ def write_tables(context: StageContext, models: dict[str, dict], dataset: str, s
     write tables.json, specialists.md and specialists.csv to the stage directory."""
     storage = Storage(dataset)
     manifest = read_manifest(storage)
-    membership = np.zeros((len(subsets), manifest.num_classes), dtype=bool)
-    for m, classes in enumerate(subsets):
-        membership[m, classes] = True
+    membership = membership_matrix(subsets, manifest.num_classes).numpy()
     rows = read_split(storage, "test", manifest).select_columns(["x", "y"])
     trusted = context.config.model_factories()
     extra = {DISTILLED_COLUMN: ModelRef(models[DISTILLED]["location"], tuple(models[DISTILLED]["bundles"]), trusted)} \
@@ -124,17 +124,9 @@ def write_tables(context: StageContext, models: dict[str, dict], dataset: str, s
 
 def table_summary(tables: dict) -> dict:
     overall = tables["overall"]
-    summary = {key: _rounded(value, 5) for key, value in overall.items() if key != "rows"}
-    summary["by_covering"] = {str(row["covering"]): _rounded(row["relative_change"]) for row in tables["by_covering"]}
+    summary = {key: rounded(value, 5) for key, value in overall.items() if key != "rows"}
+    summary["by_covering"] = {str(row["covering"]): rounded(row["relative_change"]) for row in tables["by_covering"]}
     return summary
-
-
-def _rounded(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def _percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f}"
 
 
 def _signed(value: float | None) -> str:
@@ -157,7 +149,7 @@ def _accuracy_columns(models: list[str]) -> list[str]:
 
 
 def _cells(row: dict, models: list[str]) -> list[str]:
-    return [_percent(row[f"{m}_accuracy"]) for m in models] + [_signed(row["relative_change"])]
+    return [percent(row[f"{m}_accuracy"]) for m in models] + [_signed(row["relative_change"])]
 
 
 def format_tables(tables: dict, markdown: bool = False) -> str:
@@ -175,7 +167,7 @@ def format_tables(tables: dict, markdown: bool = False) -> str:
              *_table_lines(header, rows, markdown), ""]
     if "gain_kept" in tables["overall"]:
         kept = tables["overall"]["gain_kept"]
-        lines += [f"distilled back into one net: keeps {_percent(kept)}% of the combination's accuracy gain"
+        lines += [f"distilled back into one net: keeps {percent(kept)}% of the combination's accuracy gain"
                   if kept is not None else
                   "distilled back into one net: n/a (the combination did not beat the generalist)", ""]
     lines += [f"{title}Per subset: test examples whose true class is in the subset", "",
