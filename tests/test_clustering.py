@@ -19,6 +19,8 @@ from kdray.specialists.clustering import (
     online_kmeans,
     overlapping_subsets,
     plot_covariance,
+    restarts_here,
+    restarts_in_tasks,
     write_class_index,
 )
 
@@ -45,6 +47,17 @@ def test_kmeans_recovers_planted_groups_exactly():
 def test_online_kmeans_is_deterministic_for_a_seed():
     points = np.random.default_rng(3).normal(size=(40, 5))
     np.testing.assert_array_equal(online_kmeans(points, 4, seed=7), online_kmeans(points, 4, seed=7))
+
+
+def test_restarts_as_ray_tasks_give_the_same_centroids_as_here(ray_local):
+    points = np.random.default_rng(5).normal(size=(60, 6))
+    here = restarts_here(points, 4, 8, 5, 7, 6)
+    in_tasks = restarts_in_tasks(points, 4, 8, 5, 7, 6)
+    assert [inertia for _, inertia in in_tasks] == [inertia for _, inertia in here]
+    for (mine, _), (theirs, _) in zip(in_tasks, here):
+        np.testing.assert_array_equal(mine, theirs)
+    best = min(range(6), key=lambda restart: here[restart][1])  # the least within-cluster sum of squares
+    np.testing.assert_array_equal(online_kmeans(points, 4, 8, 5, 6, 7, restarts_in_tasks), here[best][0])
 
 
 def test_size_bounds_hold_when_the_groups_do_not_fit_them():

@@ -23,6 +23,7 @@ covariance.npy, covariance.png (the matrix ordered by subset) and class_index/.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,36 +125,67 @@ def kmeans_plus_plus(points: np.ndarray, k: int, rng: np.random.Generator) -> np
 
 
 def online_kmeans(points: np.ndarray, k: int, batch_size: int = 8, epochs: int = 20, restarts: int = 8,
-                  seed: int = 0) -> np.ndarray:
+                  seed: int = 0, run_restarts: RestartRunner | None = None) -> np.ndarray:
     """Centroids [k, D] of points [N, D] by online (mini-batch) k-means, best of `restarts`.
 
-    Each restart: k-means++ seeds, then `epochs` shuffled passes in mini-batches of `batch_size`;
-    a point moves its nearest centroid towards it with rate 1 / (points that centroid has seen in
-    this pass), so each pass makes each centroid the running mean of its points in that pass
-    (Sculley 2010, with the counts restarted every pass: counted over all passes, the rates fall
-    to ~1 / (epochs x cluster size) and the centroids freeze where the first pass left them). A
-    final step sets each centroid to the mean of the points nearest it. The restart with the least within-cluster sum of
-    squares wins. Deterministic for `seed`.
+    Each restart (`kmeans_restart`): k-means++ seeds, then `epochs` shuffled passes in mini-batches
+    of `batch_size`; a point moves its nearest centroid towards it with rate 1 / (points that
+    centroid has seen in this pass), so each pass makes each centroid the running mean of its
+    points in that pass (Sculley 2010, with the counts restarted every pass: counted over all
+    passes, the rates fall to ~1 / (epochs x cluster size) and the centroids freeze where the first
+    pass left them). A final step sets each centroid to the mean of the points nearest it. The
+    restart with the least within-cluster sum of squares wins (the first of equals). Restarts are
+    independent, so `run_restarts` may run them anywhere (`restarts_in_tasks`: as Ray tasks);
+    by default they run here, one after the other. Deterministic for `seed` either way.
     """
+    run_restarts = run_restarts or restarts_here
     best, best_inertia = None, np.inf
-    for restart in range(restarts):
-        rng = np.random.default_rng([seed, restart])
-        centroids = kmeans_plus_plus(points, k, rng)
-        for _ in range(epochs):
-            seen = np.ones(k)
-            order = rng.permutation(len(points))
-            for start in range(0, len(points), batch_size):
-                batch = points[order[start:start + batch_size]]
-                for point, j in zip(batch, _squared_distances(batch, centroids).argmin(1)):
-                    seen[j] += 1
-                    centroids[j] += (point - centroids[j]) / seen[j]
-        nearest = _squared_distances(points, centroids).argmin(1)
-        for j in np.unique(nearest):
-            centroids[j] = points[nearest == j].mean(0)
-        inertia = _squared_distances(points, centroids).min(1).sum()
+    for centroids, inertia in run_restarts(points, k, batch_size, epochs, seed, restarts):
         if inertia < best_inertia - 1e-12:
-            best, best_inertia = centroids.copy(), inertia
+            best, best_inertia = centroids, inertia
     return best
+
+
+def kmeans_restart(points: np.ndarray, k: int, batch_size: int, epochs: int, seed: int,
+                   restart: int) -> tuple[np.ndarray, float]:
+    """One restart of `online_kmeans`: its centroids [k, D] and within-cluster sum of squares."""
+    rng = np.random.default_rng([seed, restart])
+    centroids = kmeans_plus_plus(points, k, rng)
+    for _ in range(epochs):
+        seen = np.ones(k)
+        order = rng.permutation(len(points))
+        for start in range(0, len(points), batch_size):
+            batch = points[order[start:start + batch_size]]
+            for point, j in zip(batch, _squared_distances(batch, centroids).argmin(1)):
+                seen[j] += 1
+                centroids[j] += (point - centroids[j]) / seen[j]
+    nearest = _squared_distances(points, centroids).argmin(1)
+    for j in np.unique(nearest):
+        centroids[j] = points[nearest == j].mean(0)
+    return centroids, float(_squared_distances(points, centroids).min(1).sum())
+
+
+# (points, k, batch_size, epochs, seed, restarts) -> each restart's (centroids, inertia), in order
+RestartRunner = Callable[[np.ndarray, int, int, int, int, int], list[tuple[np.ndarray, float]]]
+
+
+def restarts_here(points: np.ndarray, k: int, batch_size: int, epochs: int, seed: int,
+                  restarts: int) -> list[tuple[np.ndarray, float]]:
+    return [kmeans_restart(points, k, batch_size, epochs, seed, restart) for restart in range(restarts)]
+
+
+def restarts_in_tasks(points: np.ndarray, k: int, batch_size: int, epochs: int, seed: int,
+                      restarts: int) -> list[tuple[np.ndarray, float]]:
+    """The restarts as Ray tasks, one CPU each, as many at once as the cluster has CPUs for; the
+    points go to the object store once and every task reads them there."""
+    shared = ray.put(points)
+    return gather([_restart_task.remote(shared, k, batch_size, epochs, seed, restart) for restart in range(restarts)])
+
+
+@ray.remote(num_cpus=1)
+def _restart_task(points: np.ndarray, k: int, batch_size: int, epochs: int, seed: int,
+                  restart: int) -> tuple[np.ndarray, float]:
+    return kmeans_restart(points, k, batch_size, epochs, seed, restart)
 
 
 def constrained_assignment(distances: np.ndarray, min_size: int, max_size: int | None) -> np.ndarray:
@@ -221,15 +253,17 @@ def overlapping_subsets(distances: np.ndarray, assignment: np.ndarray, membershi
     return tuple(tuple(sorted(s)) for s in subsets)
 
 
-def assign_specialist_subsets(covariance: np.ndarray, config: ClusteringConfig) -> ClassSubsets:
-    """Cluster the columns of covariance [C, C] into config.num_specialists subsets (see above)."""
+def assign_specialist_subsets(covariance: np.ndarray, config: ClusteringConfig,
+                              run_restarts: RestartRunner | None = None) -> ClassSubsets:
+    """Cluster the columns of covariance [C, C] into config.num_specialists subsets (see above);
+    `run_restarts` as in `online_kmeans`."""
     covariance = np.asarray(covariance, dtype=np.float64)
     if covariance.ndim != 2 or covariance.shape[0] != covariance.shape[1]:
         raise ValueError(f"covariance must be a square [C, C] matrix, got shape {list(covariance.shape)}")
     check_clustering(config, len(covariance))
     points = column_features(covariance)
     centroids = online_kmeans(points, config.num_specialists, config.batch_size, config.epochs,
-                              config.restarts, config.seed)
+                              config.restarts, config.seed, run_restarts)
     distances = np.sqrt(_squared_distances(points, centroids))
     assignment = constrained_assignment(distances, config.min_size, config.max_size)
     shares = covariation_shares(covariance, assignment, config.num_specialists)
@@ -240,7 +274,8 @@ def assign_specialist_subsets(covariance: np.ndarray, config: ClusteringConfig) 
 
 @ray.remote(num_cpus=1)
 def _assign_task(covariance: np.ndarray, config: ClusteringConfig) -> ClassSubsets:
-    return assign_specialist_subsets(covariance, config)
+    # Waiting on its restart tasks, this task lends them its CPU (Ray releases it while blocked).
+    return assign_specialist_subsets(covariance, config, restarts_in_tasks)
 
 
 # ------------------------------------------------------------------------------------ covariance pass
