@@ -306,7 +306,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     find_model(run, manifests, args.model)
     trusted = check_run_models(run, manifests, args.trust_code, models=[args.model])
     with ray_session(args.address):
-        rows = predict(args.run_dir, args.data, args.out, model=args.model, trusted=trusted)
+        rows = predict(args.run_dir, args.data, args.out, model=args.model, trusted=trusted, top_k=args.top_k)
     print(f"wrote {rows} predictions of {args.model} to {args.out} (see {PREDICTIONS})")
     return 0
 
@@ -316,6 +316,15 @@ def _command(subparsers, name: str, handler: Callable, help_text: str) -> argpar
     parser = subparsers.add_parser(name, help=help_text, description=help_text)
     parser.set_defaults(handler=handler)
     return parser
+
+
+def _top_k(text: str) -> int | str | None:
+    """--top-k: a number of classes, `all` (None: every class) or `auto`."""
+    if text in ("all", "auto"):
+        return None if text == "all" else text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of classes (1 or more), 'all' or 'auto', got {text!r}")
+    return int(text)
 
 
 def _add_trust_code(parser: argparse.ArgumentParser) -> None:
@@ -344,6 +353,8 @@ def _add_pipeline_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from kdray.config import AUTO_TOP_K, DENSE_CLASSES
+
     parser = argparse.ArgumentParser(prog="kdray", description="Knowledge distillation (Hinton et al. 2015) on Ray.")
     parser.add_argument("--version", action="version", version=f"kdray {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -421,6 +432,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("data", help="a kdray dataset (all splits) or a Parquet directory with 'id' and 'x' columns")
     predict.add_argument("out", help="output directory: shards/*.parquet and predictions.json")
     predict.add_argument("--model", default="student", help="which of the run's models (default: student)")
+    predict.add_argument("--top-k", type=_top_k, default="auto", metavar="K|all|auto",
+                         help="write each row's K most probable classes and their probabilities; all: every "
+                              f"class's; auto (default): every class's up to {DENSE_CLASSES:,} classes, the top "
+                              f"{AUTO_TOP_K} above")
     predict.add_argument("--address", help="Ray cluster address")
     _add_trust_code(predict)
     return parser

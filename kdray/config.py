@@ -168,6 +168,17 @@ class TeacherConfig(Section):
 
 
 MIXUP_FIELDS = ("augment", "mixup_alpha", "mixup_partners")
+# Above DENSE_CLASSES classes a row's full logits cost more to store than its top ones teach: the
+# transfer set and predictions keep each row's top AUTO_TOP_K unless told otherwise.
+DENSE_CLASSES = 1000
+AUTO_TOP_K = 100
+
+
+def kept_classes(top_k: int | Literal["auto"] | None, num_classes: int) -> int | None:
+    """How many of a row's classes a `top_k` setting keeps at `num_classes` classes (None: all)."""
+    if top_k == "auto":
+        return None if num_classes <= DENSE_CLASSES else AUTO_TOP_K
+    return top_k
 
 
 class TransferConfig(Section):
@@ -181,9 +192,10 @@ class TransferConfig(Section):
     dataset: str | None = Field(
         None, description="A separate kdray dataset, labels optional, to use as the transfer set instead of the "
                           "training split; null: the training split.")
-    top_k: PositiveInt | None = Field(
-        None, description="Keep only the teacher's top-k log-probabilities per row plus the rest's log-mass; "
-                          "null: all of them.")
+    top_k: PositiveInt | Literal["auto"] | None = Field(
+        "auto", description="Keep only the teacher's top-k log-probabilities per row plus the rest's log-mass; "
+                            f"null: all of them; auto: all up to {DENSE_CLASSES:,} classes, the top {AUTO_TOP_K} "
+                            "above.")
     use_labels: bool = Field(True, description="false: the student sees only soft targets (no hard-label term).")
     # Copies let the student see the teacher's answers beyond the training rows themselves, where
     # overfitted ensemble members (which agree on every training row) disagree.

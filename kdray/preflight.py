@@ -69,7 +69,7 @@ def check_transfer(config: Config, shape: DataShape) -> None:
     bad = [c for c in transfer.omit_classes if c >= shape.num_classes]
     if bad:
         raise _invalid("distill.transfer.omit_classes", f"{bad} not in [0, {shape.num_classes})")
-    if transfer.top_k is not None and transfer.top_k > shape.num_classes:
+    if isinstance(transfer.top_k, int) and transfer.top_k > shape.num_classes:
         raise _invalid("distill.transfer.top_k", f"{transfer.top_k} exceeds the dataset's {shape.num_classes} classes")
     if transfer.copies > 1 and transfer.augment == "jitter" and len(shape.input_shape) != 3:
         raise _invalid("distill.transfer.copies", f"jittered copies need images (C, H, W); the data's feature "

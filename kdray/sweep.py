@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-from kdray.config import Config, ResourcesConfig, SweepConfig
+from kdray.config import Config, ResourcesConfig, SweepConfig, kept_classes
 from kdray.runtime.artifacts import ModelSpec, export_program, load_bundle, save_bundle
 from kdray.runtime.stage import StageContext, StageResult
 from kdray.runtime.storage import Storage
@@ -275,7 +275,8 @@ def sweep_spec(config: Config, input_shape: tuple[int, ...], num_classes: int) -
     student = distill.student
     return FitSpec(ModelSpec(student.name, student.options, tuple(input_shape), num_classes),
                    distill.train.model_copy(update={"epochs": config.sweep.max_epochs}),
-                   LossSpec("distill", distill.temperature, distill.hard_weight, distill.transfer.top_k))
+                   LossSpec("distill", distill.temperature, distill.hard_weight,
+                            kept_classes(distill.transfer.top_k, num_classes)))
 
 
 def _train_best(context: StageContext, setup: TrialSetup, params: dict[str, Any]) -> dict[str, float]:

@@ -237,3 +237,17 @@ def test_data_synth_rejects_more_bridges_than_the_groups_can_spare(tmp_path, cap
     assert code == 2
     assert "bridges (3) must leave every group a class of its own: at most classes - groups = 2" in err
     assert not out_dir.exists()
+
+
+def test_predict_top_k_takes_a_count_all_or_auto(capsys):
+    import argparse
+
+    from kdray.cli import _top_k
+
+    assert (_top_k("5"), _top_k("all"), _top_k("auto")) == (5, None, "auto")
+    for bad in ("0", "-1", "some"):
+        with pytest.raises(argparse.ArgumentTypeError, match="'all' or 'auto'"):
+            _top_k(bad)
+    with pytest.raises(SystemExit):
+        main(["predict", "RUN", "DATA", "OUT", "--top-k", "0"])
+    assert "--top-k: expected a number of classes" in capsys.readouterr().err

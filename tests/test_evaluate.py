@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from kdray.config import Config
+from kdray.config import AUTO_TOP_K, DENSE_CLASSES, Config, kept_classes
 from kdray.data.shards import DatasetError, DatasetManifest, shard_name, shard_table, write_manifest, write_shard
 from kdray.evaluation.evaluate import (
     RESULTS,
@@ -229,6 +229,29 @@ def test_predict_writes_every_row_with_numpy_argmax_and_probabilities(run_dir, t
     np.testing.assert_array_equal(table.column("prediction").to_numpy(), logits.argmax(axis=1))
     probabilities = np.stack(table.column("probabilities").to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(probabilities, np.exp(numpy_log_softmax(logits)), atol=1e-5)
+
+
+def test_predict_can_write_each_rows_top_classes_instead(run_dir, tmp_path):
+    run, data, splits = run_dir
+    predict(run.location, data, str(tmp_path / "out"), model="teacher", top_k=2)
+    assert Storage(str(tmp_path / "out")).read_json(PREDICTIONS)["columns"] == \
+        ["id", "prediction", "top_classes", "top_probabilities"]
+    table = pq.read_table(str(tmp_path / "out" / "shards")).sort_by("id")
+    assert "probabilities" not in table.column_names
+    x = np.concatenate([splits[s][1] for s in ("train", "validation", "test")])
+    ids = np.concatenate([splits[s][0] for s in ("train", "validation", "test")])
+    probabilities = np.exp(numpy_log_softmax(model_logits("teacher", x[np.argsort(ids)])))
+    top = np.stack(table.column("top_classes").to_numpy(zero_copy_only=False))
+    expected = np.argsort(-probabilities, axis=1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(top, expected)
+    np.testing.assert_allclose(np.stack(table.column("top_probabilities").to_numpy(zero_copy_only=False)),
+                               np.take_along_axis(probabilities, expected, axis=1), atol=1e-5)
+
+
+def test_kept_classes_follow_the_setting_and_the_class_count():
+    assert kept_classes(None, 20_000) is None and kept_classes(7, 10) == 7
+    assert kept_classes("auto", DENSE_CLASSES) is None  # every class up to the threshold
+    assert kept_classes("auto", DENSE_CLASSES + 1) == AUTO_TOP_K
 
 
 def test_predict_names_the_available_models_for_an_unknown_one(run_dir, tmp_path):

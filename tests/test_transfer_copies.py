@@ -209,6 +209,6 @@ def test_too_many_mixup_partners_are_refused_before_the_run():
 def test_the_baseline_gets_as_many_updates_as_the_student_on_copies():
     for copies, epochs in ((1, 5), (4, 20)):
         config = config_from_dict({"distill": {"train": {"epochs": 5}, "transfer": {"copies": copies, "augment": "mixup"}}})
-        baseline, student = baseline_spec(config, (32,), 40), student_spec(config, (32,), 40, student_loss(config))
+        baseline, student = baseline_spec(config, (32,), 40), student_spec(config, (32,), 40, student_loss(config, 40))
         assert baseline.train.epochs == epochs and student.train.epochs == 5
         assert baseline.loss.kind == "hard" and baseline.model == student.model

@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from kdray.config import Config
+from kdray.config import Config, kept_classes
 from kdray.data import read_manifest, read_split
 from kdray.distill.bias import fit_class_bias
 from kdray.distill.transfer import read_transfer, transfer_rows
@@ -30,10 +30,10 @@ from kdray.runtime.train import FitSpec, LossSpec, concurrent_fits, final_metric
 STUDENT, BASELINE, CORRECTED = "student", "baseline", "student-corrected"
 
 
-def student_loss(config: Config) -> LossSpec:
+def student_loss(config: Config, num_classes: int) -> LossSpec:
     distill = config.distill
     hard_weight = distill.hard_weight if distill.transfer.use_labels else 0.0
-    return LossSpec("distill", distill.temperature, hard_weight, distill.transfer.top_k)
+    return LossSpec("distill", distill.temperature, hard_weight, kept_classes(distill.transfer.top_k, num_classes))
 
 
 def student_spec(config: Config, input_shape: tuple[int, ...], num_classes: int, loss: LossSpec) -> FitSpec:
@@ -115,7 +115,7 @@ def run_student(context: StageContext) -> StageResult:
     dataset_location = context.input_output("data", "dataset")
     manifest = read_manifest(Storage(dataset_location))
     shape, classes = manifest.feature_shape, manifest.num_classes
-    specs = {STUDENT: student_spec(config, shape, classes, student_loss(config))}
+    specs = {STUDENT: student_spec(config, shape, classes, student_loss(config, classes))}
     if config.distill.baseline:
         specs[BASELINE] = baseline_spec(config, shape, classes)
     _train_models(context, specs, dataset_location, manifest.rows("train"))

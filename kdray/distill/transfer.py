@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 
-from kdray.config import TransferConfig
+from kdray.config import TransferConfig, kept_classes
 from kdray.data import read_manifest, read_split, sample_rows
 from kdray.data.sampling import splitmix_uniform
 from kdray.data.shards import UNLABELED, ordered, read_parquet
@@ -189,13 +189,14 @@ def run_transfer(context: StageContext) -> StageResult:
     rows = transfer_rows(config, context.input_output("data", "dataset"))
     labelled = map_logits(rows, teacher, output_column=TEACHER_LOGITS,
                           concurrency=max(1, context.config.resources.num_workers))
-    if config.top_k:
-        labelled = labelled.map_batches(compress_topk(config.top_k), batch_format="pyarrow")
+    num_classes = read_manifest(Storage(context.input_output("data", "dataset"))).num_classes
+    top_k = kept_classes(config.top_k, num_classes)
+    if top_k:
+        labelled = labelled.map_batches(compress_topk(top_k), batch_format="pyarrow")
     output = context.output
     labelled.write_parquet(output.path(SHARDS_DIR), filesystem=output.filesystem)
     rows_written = count_rows(output, SHARDS_DIR)
-    num_classes = read_manifest(Storage(context.input_output("data", "dataset"))).num_classes
-    summary = {"rows": rows_written, "top_k": config.top_k, "fraction": config.fraction, "copies": config.copies,
+    summary = {"rows": rows_written, "top_k": top_k, "fraction": config.fraction, "copies": config.copies,
                "augment": config.augment if config.copies > 1 else None,
                "omitted_classes": list(config.omit_classes), "num_classes": num_classes}
     return StageResult(outputs={"transfer": output.uri(SHARDS_DIR)}, summary=summary)

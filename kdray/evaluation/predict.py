@@ -6,7 +6,9 @@ with an integer `id` column and an `x` column of float32 fixed-size lists (the m
 input; other columns are ignored). OUT receives
 
 - ``shards/*.parquet``: ``id`` int64, ``prediction`` int64 (the most probable class) and
-  ``probabilities`` fixed_size_list<float32>[C] (the model's T = 1 softmax);
+  ``probabilities`` fixed_size_list<float32>[C] (the model's T = 1 softmax); or, with `top_k`
+  (by default above kdray.config.DENSE_CLASSES classes), ``top_classes`` int64 and
+  ``top_probabilities`` float32, each row's k most probable classes and their probabilities;
 - ``predictions.json``: the model, run, data, row count and shard files, written last, so a
   directory without it is unfinished.
 
@@ -21,13 +23,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
+from kdray.config import kept_classes
 from kdray.data.shards import MANIFEST as DATASET_MANIFEST
 from kdray.data.shards import DatasetError, read_manifest, read_parquet
 from kdray.evaluation.evaluate import RunError, check_compatible, combiner, model_ref, run_manifests, run_models
@@ -40,9 +43,10 @@ SHARDS_DIR = "shards"
 
 
 def predict(run_location: str, data_location: str, output_location: str, model: str = "student",
-            batch_size: int = 2048, trusted: Sequence[str] = ()) -> int:
+            batch_size: int = 2048, trusted: Sequence[str] = (), top_k: int | Literal["auto"] | None = "auto") -> int:
     """Write `model`'s predictions for every row of `data_location` under `output_location`;
-    returns the number of rows written. Needs a connected Ray (see `kdray.runtime.session.ray_session`);
+    returns the number of rows written. `top_k`: each row's k most probable classes and their
+    probabilities instead of every class's (None: every class; "auto": as kdray.config.kept_classes). Needs a connected Ray (see `kdray.runtime.session.ray_session`);
     the model's bundles may import the factories in `trusted` (see `kdray.evaluation.evaluate.check_run_models`)."""
     run, data, output = Storage(run_location), Storage(data_location), Storage(output_location)
     check_output(run, data, output)
@@ -56,13 +60,14 @@ def predict(run_location: str, data_location: str, output_location: str, model: 
         logits = map_logits(rows, ref, batch_size=batch_size)
     else:
         logits = combine(rows, run, manifests[stage], model, batch_size, tuple(trusted))
-    predictions = logits.map_batches(_predictions, batch_format="pyarrow")
+    keep = kept_classes(top_k, read_manifest(Storage(manifests["data"]["outputs"]["dataset"])).num_classes)
+    predictions = logits.map_batches(_predictions, fn_kwargs={"top_k": keep}, batch_format="pyarrow")
     with staged_output(output, PREDICTIONS) as staging:
         predictions.write_parquet(staging.path(SHARDS_DIR), filesystem=staging.filesystem)
         files = [f"{SHARDS_DIR}/{name}" for name in staging.list(SHARDS_DIR) if name.endswith(".parquet")]
         written = _count_rows(staging, files)
         staging.write_json({"model": model, "stage": stage, "run": run.location, "data": data.location,
-                            "rows": written, "files": files, "columns": ["id", "prediction", "probabilities"],
+                            "rows": written, "files": files, "columns": ["id", "prediction", *_probability_columns(keep)],
                             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, PREDICTIONS)
     return written
 
@@ -114,14 +119,21 @@ def _parquet_files(data: Storage) -> list[str]:
                   if info.type == pafs.FileType.File and info.base_name.endswith(".parquet"))
 
 
-def _predictions(batch: pa.Table) -> pa.Table:
+def _probability_columns(top_k: int | None) -> list[str]:
+    return ["probabilities"] if top_k is None else ["top_classes", "top_probabilities"]
+
+
+def _predictions(batch: pa.Table, top_k: int | None) -> pa.Table:
     logits = features(batch, "logits")
     probabilities = np.exp(log_softmax(logits)).astype(np.float32)
-    return pa.table({
-        "id": batch.column("id").cast(pa.int64()),
-        "prediction": pa.array(logits.argmax(axis=1).astype(np.int64)),
-        "probabilities": fixed_size_list(probabilities),
-    })
+    columns = {"id": batch.column("id").cast(pa.int64()), "prediction": pa.array(logits.argmax(axis=1).astype(np.int64))}
+    if top_k is None:
+        columns["probabilities"] = fixed_size_list(probabilities)
+    else:
+        top = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+        columns["top_classes"] = fixed_size_list(top.astype(np.int64))
+        columns["top_probabilities"] = fixed_size_list(np.take_along_axis(probabilities, top, axis=1))
+    return pa.table(columns)
 
 
 def _count_rows(storage: Storage, files: list[str]) -> int:
