@@ -9,9 +9,10 @@ import pytest
 import torch
 from benchmark_scripts import load_benchmark
 
+from kdray.distill.student import validation_logits
 from kdray.distill.transfer import read_transfer
 from kdray.evaluation.evaluate import RESULTS, format_results_table
-from kdray.evaluation.inference import features
+from kdray.evaluation.inference import ModelRef, features
 from kdray.pipeline import pipeline_stages, run_pipeline
 from kdray.runtime.artifacts import load_bundle
 from kdray.runtime.stage import read_stage_manifest
@@ -78,3 +79,18 @@ def test_errors_on_the_omitted_class_are_counted_for_each_model(finished_run):
     table = format_results_table(results)
     assert f"class 3 (c3), left out of the transfer set: errors on its {(y == 3).sum()} test rows: " in table
     assert f"student {omitted['errors']['student']['3']}," in table
+
+
+def test_the_bias_fit_holds_a_fixed_sample_of_a_big_validation_split(finished_run):
+    config, run, _, _ = finished_run
+    student = ModelRef(run.child("student").location, ("student",), ())
+    logits, labels = validation_logits(student, config.data.path)
+    assert logits.shape == (200, 4) and labels.shape == (200,)  # all 800 logits fit the default budget
+    sampled, sampled_labels = validation_logits(student, config.data.path, max_logits=200)
+    again, _ = validation_logits(student, config.data.path, max_logits=200)
+    assert 20 <= len(sampled) <= 80 and torch.equal(sampled, again)  # about a quarter, the same each time
+    # Each sampled row's logits are that row's: they appear among the whole split's (to float32
+    # rounding: the rows meet the model in other batches).
+    nearest = torch.cdist(sampled.double(), logits.double()).min(1)
+    assert (nearest.values < 1e-4).all()
+    assert torch.equal(labels[nearest.indices], sampled_labels)

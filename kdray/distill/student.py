@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from kdray.config import Config, kept_classes
-from kdray.data import read_manifest, read_split
+from kdray.data import read_manifest, read_split, sample_rows
 from kdray.distill.bias import fit_class_bias
 from kdray.distill.transfer import read_transfer, transfer_rows
 from kdray.evaluation.inference import ModelRef, features, map_logits
@@ -28,6 +28,7 @@ from kdray.runtime.storage import Storage
 from kdray.runtime.train import FitSpec, LossSpec, concurrent_fits, final_metrics, fit_and_save
 
 STUDENT, BASELINE, CORRECTED = "student", "baseline", "student-corrected"
+BIAS_FIT_LOGITS = 1 << 26  # validation logits the driver holds for the bias fit: 256 MiB of float32
 
 
 def student_loss(config: Config, num_classes: int) -> LossSpec:
@@ -90,11 +91,20 @@ def _train_models(context: StageContext, specs: dict[str, FitSpec], dataset_loca
                        concurrent_fits(config.resources), bar)
 
 
-def validation_logits(model: ModelRef, dataset_location: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N_val, C] logits and [N_val] labels; the validation split is small enough to hold."""
-    rows = map_logits(read_split(Storage(dataset_location), "validation").select_columns(["x", "y"]), model)
+def validation_logits(model: ModelRef, dataset_location: str,
+                      max_logits: int = BIAS_FIT_LOGITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, C] logits and [N] labels of the validation split, or of a fixed sample of its rows (by id
+    hash) where all of them would hold more than `max_logits` logits: the driver's memory for the
+    bias fit stays flat however big the split."""
+    storage = Storage(dataset_location)
+    manifest = read_manifest(storage)
+    rows = read_split(storage, "validation", manifest).select_columns(["id", "x", "y"])
+    total = manifest.rows("validation") * manifest.num_classes
+    if total > max_logits:
+        rows = sample_rows(rows, max_logits / total, seed=0)
     logits, labels = [], []
-    for batch in rows.iter_batches(batch_format="pyarrow", batch_size=4096):
+    for batch in map_logits(rows.select_columns(["x", "y"]), model).iter_batches(batch_format="pyarrow",
+                                                                                   batch_size=4096):
         logits.append(features(batch, "logits"))
         labels.append(batch.column("y").to_numpy())
     return torch.from_numpy(np.concatenate(logits)), torch.from_numpy(np.concatenate(labels))
