@@ -7,12 +7,15 @@ import pytest
 import torch
 
 from kdray.specialists.combine import (
+    ActiveSpecialistOutputs,
     combine,
+    combine_active,
     combine_by_em,
     combine_by_gradient,
     combine_objective,
     combine_one_active,
     membership_matrix,
+    pack_specialist_outputs,
     select_active_specialists,
 )
 from kdray.specialists.tables import format_tables, specialist_tables, table_counts
@@ -22,6 +25,8 @@ SOLVERS = {
     "em": lambda *inputs: combine_by_em(*inputs, max_iterations=5000, tolerance=1e-12),
     "gradient": lambda *inputs: combine_by_gradient(*inputs, steps=150),
     "closed form": combine_one_active,  # the tests below with at most one active specialist per row
+    "active only": lambda generalist, *dense: combine_active(generalist, _packed(*dense), max_iterations=5000,
+                                                             tolerance=1e-12),
 }
 
 
@@ -39,6 +44,15 @@ def _specialists(membership: torch.Tensor, batch: int, dustbin_scale: float = 1.
     logits[..., :-1] = logits[..., :-1].masked_fill(~membership, float("-inf"))
     probs = logits.softmax(-1)
     return probs[..., :-1], probs[..., -1]
+
+
+def _packed(specialist_in: torch.Tensor, dustbin: torch.Tensor, membership: torch.Tensor,
+            active: torch.Tensor) -> ActiveSpecialistOutputs:
+    """The active specialists' outputs taken from the dense inputs, as SpecialistCombiner packs them."""
+    rows = [active[:, m].nonzero().flatten() for m in range(membership.shape[0])]
+    classes = [membership[m].nonzero().flatten() for m in range(membership.shape[0])]
+    subset_probs = [specialist_in[rows_m, m][:, classes_m] for m, (rows_m, classes_m) in enumerate(zip(rows, classes))]
+    return pack_specialist_outputs(rows, classes, subset_probs, [dustbin[rows_m, m] for m, rows_m in enumerate(rows)])
 
 
 def _random_case(batch: int = 6, num_classes: int = 9, num_specialists: int = 4, dustbin_scale: float = 1.0):
@@ -202,6 +216,90 @@ def test_float32_inputs_keep_their_dtype() -> None:
 
 def _cast(tensors, dtype):
     return [t.to(dtype) if t.is_floating_point() else t for t in tensors]
+
+
+# ------------------------------------------------------------------------ active outputs only
+def _mixed_case(batch: int = 60, num_classes: int = 11, num_specialists: int = 6, dustbin_scale: float = 1.0):
+    """Overlapping random subsets, the last one every class (dustbin 0); rows 0-9 with no active
+    specialist, rows 10-19 with one, the rest with a random number."""
+    generalist, specialist_in, dustbin, membership, _ = _random_case(batch, num_classes, num_specialists,
+                                                                     dustbin_scale)
+    membership[-1] = True
+    specialist_in[:, -1], dustbin[:, -1] = torch.randn(batch, num_classes, dtype=F64).softmax(-1), 0.0
+    active = torch.rand(batch, num_specialists) < 0.4
+    active[:10] = False
+    active[10:20] = _one_active_each(12, num_specialists)[2:]
+    return generalist, specialist_in, dustbin, membership, active
+
+
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("dustbin_scale", [0.2, 1.0, 10.0])
+def test_active_outputs_give_the_dense_answer(dtype: torch.dtype, dustbin_scale: float) -> None:
+    inputs = _cast(_mixed_case(dustbin_scale=dustbin_scale), dtype)
+    generalist, specialist_in, dustbin, membership, active = inputs
+    counts = active.sum(1)
+    assert (counts > 2).any() and (active[:, -1] & (counts > 1)).any()  # the all-class subset among others
+    packed = _packed(specialist_in, dustbin, membership, active)
+    q = combine_active(generalist, packed)
+    assert q.dtype == dtype
+    assert (q - combine(*inputs)).abs().max().item() < 1e-6
+    assert torch.equal(q[:10], generalist[:10])
+    assert (q[10:] - generalist[10:]).abs().max().item() > 1e-2  # the specialists moved q
+    # Both stop after the first step that moves q by at most `tolerance`: in float32, rounding can
+    # make that one step later in either (a gap up to twice the tolerance), so compare equal steps too.
+    steps = {"max_iterations": 300, "tolerance": 0.0}
+    assert (combine_active(generalist, packed, **steps) - combine(*inputs, **steps)).abs().max().item() < 1e-6
+
+
+@pytest.mark.parametrize("dustbin_scale", [0.2, 5.0])
+def test_active_outputs_reach_the_em_optimum(dustbin_scale: float) -> None:
+    inputs = _mixed_case(dustbin_scale=dustbin_scale)
+    q = combine_active(inputs[0], _packed(*inputs[1:]), max_iterations=50_000, tolerance=1e-14)
+    q_em = combine_by_em(*inputs, max_iterations=50_000, tolerance=1e-14)
+    assert (q - q_em).abs().max().item() < 1e-10
+
+
+def test_packed_outputs_hold_only_the_active_subsets() -> None:
+    generalist, specialist_in, dustbin, membership, active = _mixed_case()
+    packed = _packed(specialist_in, dustbin, membership, active)
+    pairs = int(active.sum())
+    entries = int((active * membership.sum(1)).sum())  # the sum of the active subsets' sizes
+    assert len(packed.rows) == len(packed.dustbin) == len(packed.sizes) == pairs
+    assert len(packed.classes) == len(packed.probs) == entries < active.numel() * membership.shape[1]
+    # Each pair's entries are its specialist's whole output but the dustbin.
+    totals = torch.zeros(pairs, dtype=F64).index_add_(0, packed.entry_pairs(), packed.probs) + packed.dustbin
+    assert torch.allclose(totals, torch.ones(pairs, dtype=F64), atol=1e-12)
+    nothing = pack_specialist_outputs([], [], [], [])
+    assert len(nothing.classes) == 0 and torch.equal(combine_active(generalist, nothing), generalist)
+
+
+def test_bad_active_outputs_raise_naming_the_field() -> None:
+    rows, classes = [torch.tensor([0, 1])], [torch.tensor([2, 3, 4])]
+    probs, dustbins = [torch.full((2, 3), 0.2, dtype=F64)], [torch.full((2,), 0.4, dtype=F64)]
+    with pytest.raises(ValueError, match=r"subset_probs\[0\] must have shape \[2, 3\]"):
+        pack_specialist_outputs(rows, classes, [probs[0][:, :2]], dustbins)
+    with pytest.raises(ValueError, match=r"dustbins\[0\]"):
+        pack_specialist_outputs(rows, classes, probs, [dustbins[0][:1]])
+    with pytest.raises(ValueError, match=r"classes\[0\] names a class twice"):
+        pack_specialist_outputs(rows, [torch.tensor([2, 2, 4])], probs, dustbins)
+    with pytest.raises(ValueError, match=r"rows\[0\] names a row twice"):
+        pack_specialist_outputs([torch.tensor([1, 1])], classes, probs, dustbins)
+    with pytest.raises(TypeError, match=r"rows\[0\] must be a one-dimensional int64"):
+        pack_specialist_outputs([rows[0].int()], classes, probs, dustbins)
+    with pytest.raises(ValueError, match="one entry per specialist"):
+        pack_specialist_outputs(rows, classes, probs, [])
+    packed = pack_specialist_outputs(rows, classes, probs, dustbins)
+    with pytest.raises(ValueError, match="offsets must rise"):
+        ActiveSpecialistOutputs(packed.rows, packed.dustbin, packed.offsets.flip(0), packed.classes, packed.probs)
+    generalist = torch.full((3, 5), 0.2, dtype=F64)
+    with pytest.raises(ValueError, match=r"outputs.classes must lie in \[0, 4\)"):
+        combine_active(generalist[:, :4], packed)
+    with pytest.raises(ValueError, match=r"outputs.rows must lie in \[0, 1\)"):
+        combine_active(generalist[:1], packed)
+    with pytest.raises(TypeError, match="ActiveSpecialistOutputs"):
+        combine_active(generalist, (packed.rows, packed.classes))
+    with pytest.raises(ValueError, match="max_iterations"):
+        combine_active(generalist, packed, max_iterations=0)
 
 
 # -------------------------------------------------------------------------------- activation

@@ -38,6 +38,7 @@ from kdray.specialists.actors import (
     train_specialists,
 )
 from kdray.specialists.clustering import COVARIANCE, INDEX_MANIFEST, SUBSETS
+from kdray.specialists.combine import combine, select_active_specialists
 from kdray.specialists.combined import COMBINED, CombinedModel, SpecialistCombiner
 from kdray.specialists.tables import TABLES
 
@@ -260,6 +261,30 @@ def test_combiner_limits_through_the_batch_job(ray_local, tmp_path):
     assert torch.equal(active, (~inactive).long())
     torch.testing.assert_close(log_q[inactive].exp(), p_g[inactive], atol=1e-6, rtol=1e-5)
     assert not torch.allclose(log_q[~inactive].exp(), p_g[~inactive], atol=1e-4)
+
+
+def test_combiner_gives_the_dense_combination_with_overlapping_specialists(tmp_path):
+    """top_n = 2 over overlapping subsets: rows with two and three active specialists, each run on
+    its active rows alone and packed, give the q of the dense [B, M, C] inputs."""
+    storage = Storage(str(tmp_path))
+    _bundle(storage, "generalist", 6)
+    subsets = {"low": [0, 1, 2, 3], "high": [3, 4, 5], "ends": [5, 0]}
+    for name, classes in subsets.items():
+        _bundle(storage, name, len(classes) + 1, classes=classes)
+    combiner = SpecialistCombiner(CombinedModel.from_entry({**_entry(storage, list(subsets)), "top_n": 2}))
+    x = torch.randn(256, DIM) * 3
+    log_q, log_g, active = combiner.combined(x)
+    p_g = log_g.double().exp()
+    dense_active = select_active_specialists(p_g, combiner.membership, 2)
+    with torch.no_grad():
+        probs = [torch.softmax(net(x).double(), -1) for net in combiner.specialists]
+    specialist_in = torch.zeros(len(x), len(subsets), 6, dtype=torch.float64)
+    for m, classes in enumerate(subsets.values()):
+        specialist_in[:, m, classes] = probs[m][:, :-1]
+    dustbin = torch.stack([p[:, -1] for p in probs], 1)
+    q = combine(p_g, specialist_in, dustbin, combiner.membership, dense_active)
+    assert torch.equal(active, dense_active.sum(1)) and {2, 3} <= set(active.tolist())
+    torch.testing.assert_close(log_q.double().exp(), q, atol=1e-6, rtol=0)
 
 
 def test_a_killed_specialist_resumes_from_its_checkpoint(tiny_run, tmp_path):

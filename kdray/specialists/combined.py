@@ -6,10 +6,10 @@ an ensemble) and every specialist, and for each batch of rows
 1. takes the generalist's distribution p_g [B, C] and its top-n classes (specialists.top_n);
 2. finds the active specialists, those whose subset meets them (`kdray.specialists.combine.select_active_specialists`),
    and runs each specialist only on the rows where it is active;
-3. builds the dense inputs `kdray.specialists.combine.combine` expects -- specialist_in [B, U, C] (each active
-   specialist's probabilities scattered onto its classes), specialist_dustbin [B, U], membership
-   [U, C] -- for the U specialists active somewhere in the batch, and solves for the q minimising
-   KL(p_g || q) + sum_m KL(p_m || q) (EM, in float64);
+3. packs the active specialists' outputs, each (row, specialist) pair's probabilities over its subset
+   and its dustbin (`kdray.specialists.combine.pack_specialist_outputs`: memory proportional to the
+   active subsets' sizes, never rows x specialists x classes), and solves for the q minimising
+   KL(p_g || q) + sum_m KL(p_m || q) (`kdray.specialists.combine.combine_active`, in float64);
 4. appends log q as the "logits" column (rows without an active specialist get log p_g exactly).
 
 `combined_logits` is the specialists stage's entry in `kdray.evaluation.evaluate.COMBINERS`, so `kdray evaluate`
@@ -33,7 +33,12 @@ from kdray.evaluation.inference import LogitsPredictor, ModelRef, features, fixe
 from kdray.runtime.artifacts import ModelSpec, load_bundle, load_spec, save_bundle
 from kdray.runtime.stage import StageContext
 from kdray.runtime.storage import Storage
-from kdray.specialists.combine import combine, membership_matrix, select_active_specialists
+from kdray.specialists.combine import (
+    combine_active,
+    membership_matrix,
+    pack_specialist_outputs,
+    select_active_specialists,
+)
 
 COMBINED, DISTILLED = "generalist+specialists", "specialists-distilled"
 TRANSFER_DIR, TRANSFER_DONE = "transfer", "transfer.json"
@@ -88,15 +93,14 @@ class SpecialistCombiner:
         used = active.any(0).nonzero().flatten()
         if used.numel() == 0:
             return log_generalist, log_generalist, active.sum(1)
-        batch, num_classes = p_g.shape
-        specialist_in = torch.zeros(batch, len(used), num_classes, dtype=torch.float64, device=self.device)
-        dustbin = torch.zeros(batch, len(used), dtype=torch.float64, device=self.device)
-        for u, m in enumerate(used.tolist()):
-            rows = active[:, m].nonzero().flatten()
-            probs = torch.softmax(self.specialists[m](x[rows]).double(), -1)
-            specialist_in[rows[:, None], u, self.classes[m][None, :]] = probs[:, :-1]
-            dustbin[rows, u] = probs[:, -1]
-        q = combine(p_g, specialist_in, dustbin, self.membership[used], active[:, used])
+        rows, classes, subset_probs, dustbins = [], [], [], []
+        for m in used.tolist():
+            rows.append(active[:, m].nonzero().flatten())
+            probs = torch.softmax(self.specialists[m](x[rows[-1]]).double(), -1)
+            classes.append(self.classes[m])
+            subset_probs.append(probs[:, :-1])
+            dustbins.append(probs[:, -1])
+        q = combine_active(p_g, pack_specialist_outputs(rows, classes, subset_probs, dustbins))
         # q underflowing to 0 gets the log of the smallest normal float32: finite, and exp() gives 0 back.
         return q.clamp(min=np.finfo(np.float32).tiny).log().float(), log_generalist, active.sum(1)
 
