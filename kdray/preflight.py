@@ -32,12 +32,10 @@ def data_shape(config: Config) -> DataShape:
     from kdray.data import dataset_input_shape, read_manifest
     from kdray.runtime.storage import Storage
 
-    if config.data.source == "synth":
-        num_classes = config.data.synth.classes
-    elif config.data.source in ("fashion-mnist", "mnist"):
-        num_classes = 10
-    else:
-        num_classes = read_manifest(Storage(config.data.path)).num_classes
+    if config.data.source == "parquet":  # one manifest read gives both
+        manifest = read_manifest(Storage(config.data.path))
+        return DataShape(tuple(manifest.feature_shape), manifest.num_classes)
+    num_classes = config.data.synth.classes if config.data.source == "synth" else 10  # IDX: 10 classes
     return DataShape(tuple(dataset_input_shape(config.data)), num_classes)
 
 
